@@ -1,0 +1,136 @@
+"""The one interface every frozen backbone implements.
+
+    item (path | bytes | str | PIL image ...) --prepare--> tensor/object --collate--> batch
+    batch --forward--> EncoderOutput(tokens (B, T, D), mask (B, T) bool, pooled (B, D))
+
+Encoders are constructed cheaply (config + resolved weight paths) and load their weights on
+first use, so a run whose features are all in the cache never loads a backbone. ``fingerprint``
+identifies everything that changes the output (weights, preprocessing, precision, code
+version) and keys the feature cache.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any, ClassVar, Iterable, NamedTuple
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from ..registry import Registry
+
+ENCODERS = Registry("encoder")
+
+
+class EncoderOutput(NamedTuple):
+    tokens: torch.Tensor  # (B, T, D) token sequence
+    mask: torch.Tensor  # (B, T) bool, True where a token is real
+    pooled: torch.Tensor  # (B, D) the backbone's own pooled vector
+
+    def to(self, device: torch.device | str) -> "EncoderOutput":
+        return EncoderOutput(self.tokens.to(device), self.mask.to(device), self.pooled.to(device))
+
+
+class EncoderConfig(BaseModel):
+    """Fields shared by every encoder; subclasses add a ``type`` Literal and their own fields."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    model: str = Field(description="pip-packaged name, local path or Hugging Face Hub id")
+    batch_size: int = Field(32, ge=1, description="inputs per forward pass when encoding")
+    autocast: str = Field("fp32", pattern="^(fp32|bf16)$", description="bf16 autocast while encoding")
+
+
+class FrozenEncoder(nn.Module):
+    """A pretrained backbone with frozen weights; subclasses implement the five hooks below."""
+
+    modality: ClassVar[str]
+    Config: ClassVar[type[EncoderConfig]]
+    version: ClassVar[int] = 1  # bump when a code change alters outputs (invalidates caches)
+
+    def __init__(self, cfg: EncoderConfig):
+        super().__init__()
+        self.cfg = cfg
+        self._loaded = False
+
+    # -- hooks ------------------------------------------------------------------------------
+    @property
+    def token_dim(self) -> int:
+        """D of the token sequence (known without loading weights)."""
+        raise NotImplementedError
+
+    def weights_id(self) -> str:
+        """Digest of the weight files (see resolve.content_digest)."""
+        raise NotImplementedError
+
+    def build(self) -> None:
+        """Load the backbone weights into submodules (called once, lazily)."""
+        raise NotImplementedError
+
+    def prepare(self, item: Any) -> Any:
+        """Decode and preprocess one input; raise InputError if it cannot be used."""
+        raise NotImplementedError
+
+    def collate(self, prepared: list[Any]) -> Any:
+        raise NotImplementedError
+
+    def encode_batch(self, batch: Any) -> EncoderOutput:
+        raise NotImplementedError
+
+    def content_key(self, item: Any) -> str:
+        """Digest of an input's content (not its name): equal content -> equal features."""
+        raise NotImplementedError
+
+    def describe(self, item: Any) -> str:
+        """How to name an input in messages and reports."""
+        return str(item) if not isinstance(item, (bytes, bytearray)) else f"<{len(item)} bytes>"
+
+    def preprocessing(self) -> dict[str, Any]:
+        """Everything about input handling that changes outputs (part of the fingerprint)."""
+        return {}
+
+    # -- shared machinery --------------------------------------------------------------------
+    def fingerprint(self) -> dict[str, Any]:
+        return {
+            "encoder": self.cfg.type,  # type: ignore[attr-defined]
+            "version": self.version,
+            "weights": self.weights_id(),
+            "preprocessing": self.preprocessing(),
+            "autocast": self.cfg.autocast,
+        }
+
+    def cache_id(self) -> str:
+        blob = json.dumps(self.fingerprint(), sort_keys=True).encode()
+        return f"{self.modality}-{self.cfg.type}-{hashlib.sha256(blob).hexdigest()[:16]}"  # type: ignore[attr-defined]
+
+    def ensure_loaded(self) -> "FrozenEncoder":
+        if not self._loaded:
+            self.build()
+            self.requires_grad_(False)
+            self.eval()
+            self._loaded = True
+        return self
+
+    def train(self, mode: bool = True) -> "FrozenEncoder":
+        return super().train(False)  # frozen: batch norm / dropout always in inference mode
+
+    @torch.no_grad()
+    def forward(self, batch: Any) -> EncoderOutput:
+        self.ensure_loaded()
+        device = next(self.parameters()).device.type if any(True for _ in self.parameters()) else "cpu"
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=self.cfg.autocast == "bf16"):
+            out = self.encode_batch(batch)
+        return EncoderOutput(out.tokens.float(), out.mask.bool(), out.pooled.float())
+
+    def encode(self, items: Iterable[Any]) -> EncoderOutput:
+        """Prepare, collate and encode a list of inputs (raises InputError on the first bad one)."""
+        prepared = [self.prepare(it) for it in items]
+        return self(self.collate(prepared))
+
+
+def digest_bytes(*parts: bytes) -> str:
+    h = hashlib.sha1()
+    for p in parts:
+        h.update(p)
+    return h.hexdigest()
