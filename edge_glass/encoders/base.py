@@ -121,7 +121,8 @@ class FrozenEncoder(nn.Module):
         device = next(self.parameters()).device.type if any(True for _ in self.parameters()) else "cpu"
         with torch.autocast(device, dtype=torch.bfloat16, enabled=self.cfg.autocast == "bf16"):
             out = self.encode_batch(batch)
-        return EncoderOutput(out.tokens.float(), out.mask.bool(), out.pooled.float())
+        mask = out.mask.bool()
+        return EncoderOutput(out.tokens.float() * mask.unsqueeze(-1), mask, out.pooled.float())  # padding = 0
 
     def encode(self, items: Iterable[Any]) -> EncoderOutput:
         """Prepare, collate and encode a list of inputs (raises InputError on the first bad one)."""

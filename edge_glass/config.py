@@ -1,0 +1,261 @@
+"""Typed, validated experiment configs: YAML in, errors that name the file and key path.
+
+    cfg = load_config("configs/quickstart.yaml", ["train.lr=3e-4", "model.dims=[256,64]"])
+
+Every block is a pydantic model with ``extra="forbid"``; components (encoders, poolers) are
+chosen by ``type`` from their registries, so a block is checked against the component it names.
+``--set`` overrides are parsed as YAML values and validated like the file.
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .encoders import ENCODERS
+from .errors import ConfigError
+from .heads import POOLERS, ProjectionConfig
+from .heads.pooling import MeanConfig
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+# --- data ----------------------------------------------------------------------------------------
+
+class SplitConfig(Strict):
+    """Held-out groups (images, or audio clips) per dataset: a count (int) or a fraction (< 1)."""
+
+    val: float = Field(0.1, ge=0)
+    test: float = Field(0.2, ge=0)
+    seed: int = 0
+
+
+class DataConfig(Strict):
+    train: list[str] = Field(min_length=1, description="dataset specs: coco:DIR, flickr8k:DIR, jsonl:FILE, parquet:FILE")
+    split: SplitConfig = SplitConfig()
+    eval: list[str] = Field(default_factory=list, description="extra datasets evaluated whole at the end")
+    max_groups: int | None = Field(None, ge=1, description="use only this many images/clips per dataset (quick runs)")
+    pairs_per_epoch: Literal["all", "one_per_group"] = "all"
+
+
+class CacheConfig(Strict):
+    enabled: bool = True
+    dir: str | None = None  # default: $EDGE_GLASS_CACHE/features
+    dtype: Literal["float16", "bfloat16", "float32"] = "float16"
+    shard_size: int = Field(1024, ge=1)
+
+
+# --- model and loss ------------------------------------------------------------------------------
+
+class HeadConfig(Strict):
+    pooler: POOLERS.config_union() = MeanConfig()  # type: ignore[valid-type]
+    projection: ProjectionConfig = ProjectionConfig()
+
+
+class ModelConfig(Strict):
+    dims: list[int] = Field(default_factory=lambda: [512, 256, 128, 64], min_length=1)
+    heads: dict[str, HeadConfig] = Field(default_factory=dict)
+
+    @field_validator("dims")
+    @classmethod
+    def _dims(cls, v: list[int]) -> list[int]:
+        if any(d < 1 for d in v) or len(set(v)) != len(v):
+            raise ValueError("dims must be distinct positive integers")
+        return sorted(v, reverse=True)
+
+
+class TemperatureConfig(Strict):
+    init: float = Field(0.07, gt=0)
+    learnable: bool = True
+    min: float = Field(0.01, gt=0)
+    max: float = Field(1.0, gt=0)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "TemperatureConfig":
+        if not self.min <= self.init <= self.max:
+            raise ValueError(f"need min <= init <= max, got {self.min} <= {self.init} <= {self.max}")
+        return self
+
+
+class MRLConfig(Strict):
+    weights: list[float] | None = Field(None, description="one per dim (largest first); default uniform")
+    sample_one_dim: bool = Field(False, description="each step trains one dim, drawn with probability ~ weight")
+
+
+class LossConfig(Strict):
+    temperature: TemperatureConfig = TemperatureConfig()
+    mrl: MRLConfig = MRLConfig()
+    pairs: list[str] | None = Field(None, description='modality pairs like "image-text"; default all pairs')
+    pair_weights: dict[str, float] = Field(default_factory=dict)
+
+
+# --- training and evaluation ---------------------------------------------------------------------
+
+class TrainConfig(Strict):
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(128, ge=2, description="global batch (all processes together)")
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.05, ge=0)
+    betas: tuple[float, float] = (0.9, 0.98)
+    warmup: float = Field(0.05, ge=0, description="warmup steps (int) or fraction of all steps (< 1)")
+    schedule: Literal["cosine", "constant"] = "cosine"
+    grad_clip: float | None = Field(1.0, gt=0)
+    eval_every: int = Field(0, ge=0, description="steps between validation evals; 0 = every epoch")
+    checkpoint_every: int = Field(50, ge=1, description="steps between checkpoints")
+    keep_checkpoints: int = Field(2, ge=1)
+    log_every: int = Field(10, ge=1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    threads: int | None = Field(None, ge=1, description="torch CPU threads per process")
+
+
+class EvalConfig(Strict):
+    ks: list[int] = Field(default_factory=lambda: [1, 5, 10])
+    batch_size: int = Field(512, ge=1)
+
+
+class AlignmentConfig(Strict):
+    """An alignment experiment: frozen encoders -> heads -> contrastive (MRL) loss."""
+
+    task: Literal["alignment"] = "alignment"
+    name: str = "experiment"
+    seed: int = 0
+    encoders: dict[str, ENCODERS.config_union()]  # type: ignore[valid-type]
+    model: ModelConfig = ModelConfig()
+    loss: LossConfig = LossConfig()
+    data: DataConfig
+    cache: CacheConfig = CacheConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+    variants: dict[str, dict[str, Any]] = Field(default_factory=dict, description="ablation: name -> overrides")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "AlignmentConfig":
+        for name, enc in self.encoders.items():
+            modality = ENCODERS.get(enc.type).modality
+            if name != modality:
+                raise ValueError(f"encoders.{name}: encoder {enc.type!r} is a {modality} encoder; put it under encoders.{modality}")
+        if len(self.encoders) < 2:
+            raise ValueError("encoders: alignment needs at least two modalities")
+        for name in self.encoders:
+            self.model.heads.setdefault(name, HeadConfig())
+        extra = set(self.model.heads) - set(self.encoders)
+        if extra:
+            raise ValueError(f"model.heads: no encoder for {sorted(extra)}")
+        w = self.loss.mrl.weights
+        if w is not None and len(w) != len(self.model.dims):
+            raise ValueError(f"loss.mrl.weights: {len(w)} weights for {len(self.model.dims)} dims")
+        for p in (self.loss.pairs or []) + list(self.loss.pair_weights):
+            a, _, b = p.partition("-")
+            if a not in self.encoders or b not in self.encoders or a == b:
+                raise ValueError(f"loss pair {p!r}: expected 'a-b' with a, b among {sorted(self.encoders)}")
+        return self
+
+
+TASKS: dict[str, type[Strict]] = {"alignment": AlignmentConfig}
+
+
+# --- loading, overrides, errors -----------------------------------------------------------------
+
+def parse_override(text: str) -> tuple[str, Any]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {text!r}: expected key.path=value")
+    try:
+        return key.strip(), yaml.safe_load(value) if value.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {key}: cannot parse value {value!r} ({exc})") from None
+
+
+def apply_override(data: dict, key: str, value: Any) -> None:
+    node = data
+    parts = key.split(".")
+    for part in parts[:-1]:
+        nxt = node.get(part)
+        if nxt is None:
+            nxt = node[part] = {}
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"--set {key}: {part!r} is a value, not a section")
+        node = nxt
+    node[parts[-1]] = value
+
+
+def _yaml_path(data: Any, loc: tuple) -> str:
+    """Render a pydantic error location as the YAML key path (dropping union tags)."""
+    out, node = [], data
+    for part in loc:
+        if isinstance(node, dict) and part not in node and node.get("type") == part:
+            continue  # discriminated-union tag, not a key of the file
+        if isinstance(node, dict) and part not in node and isinstance(part, str) and part in TASKS:
+            continue
+        out.append(str(part))
+        node = node.get(part) if isinstance(node, dict) else (node[part] if isinstance(node, list) and isinstance(part, int) and part < len(node) else None)
+    return ".".join(out) or "(top level)"
+
+
+def format_validation_error(exc: ValidationError, data: dict, source: str, overridden: set[str]) -> str:
+    lines = [f"{source}: invalid config"]
+    for err in exc.errors():
+        path = _yaml_path(data, err["loc"])
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif err["type"] == "missing":
+            msg = "required key is missing"
+        elif "input" in err and not isinstance(err["input"], (dict, list)):
+            msg += f" (got {err['input']!r})"
+        origin = " [from --set]" if any(path == k or path.startswith(k + ".") for k in overridden) else ""
+        lines.append(f"  {path}: {msg}{origin}")
+    return "\n".join(lines)
+
+
+def config_from_dict(data: dict, source: str = "<config>", overrides: list[str] | tuple[str, ...] = ()) -> Any:
+    data = copy.deepcopy(data)
+    keys = set()
+    for text in overrides:
+        key, value = parse_override(text)
+        apply_override(data, key, value)
+        keys.add(key)
+    task = data.get("task", "alignment")
+    if task not in TASKS:
+        raise ConfigError(f"{source}: task: unknown task {task!r}; known: {', '.join(TASKS)}")
+    try:
+        return TASKS[task].model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, data, source, keys)) from None
+
+
+def load_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a config must be a mapping of keys, got {type(data).__name__}")
+    return data
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Any:
+    return config_from_dict(load_yaml(path), str(path), overrides)
+
+
+def variant_config(cfg: Any, name: str) -> Any:
+    """The config of one ablation variant (its overrides applied, without the variants block)."""
+    data = cfg.model_dump(mode="json", exclude={"variants"})
+    overrides = [f"{k}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}" for k, v in cfg.variants[name].items()]
+    out = config_from_dict(data, f"variants.{name}", overrides)
+    out.name = f"{cfg.name}/{name}"
+    return out
+
+
+def dump_config(cfg: BaseModel) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

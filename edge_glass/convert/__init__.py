@@ -1,0 +1,1 @@
+"""Converters from other checkpoint formats into transformers models (see ctranslate2.py)."""

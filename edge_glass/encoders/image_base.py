@@ -1,0 +1,44 @@
+"""Shared machinery of image encoders: decoding, content keys, batching of (3, S, S) tensors."""
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+
+from ..data.images import describe_image, image_bytes, open_image
+from ..data.transforms import image_to_tensor
+from .base import EncoderConfig, FrozenEncoder, digest_bytes
+
+
+class ImageEncoderConfig(EncoderConfig):
+    image_size: int | None = None  # None: the backbone's native resolution
+    resize: Literal["center_crop", "squash"] = "center_crop"
+
+
+class ImageEncoder(FrozenEncoder):
+    modality = "image"
+    cfg: ImageEncoderConfig
+
+    # subclasses provide the resolution and normalisation
+    def input_size(self) -> int:
+        raise NotImplementedError
+
+    def normalisation(self) -> tuple[list[float], list[float]]:
+        raise NotImplementedError
+
+    def preprocessing(self) -> dict[str, Any]:
+        mean, std = self.normalisation()
+        return {"size": self.input_size(), "resize": self.cfg.resize, "mean": mean, "std": std}
+
+    def prepare(self, item: Any) -> torch.Tensor:
+        mean, std = self.normalisation()
+        return image_to_tensor(open_image(item), self.input_size(), mean, std, self.cfg.resize)
+
+    def collate(self, prepared: list[torch.Tensor]) -> torch.Tensor:
+        return torch.stack(prepared)
+
+    def content_key(self, item: Any) -> str:
+        return digest_bytes(image_bytes(item))
+
+    def describe(self, item: Any) -> str:
+        return describe_image(item)

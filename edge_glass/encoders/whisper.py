@@ -1,0 +1,179 @@
+"""Whisper's audio encoder as a frozen backbone, encoding only as many frames as a clip needs.
+
+    item (path | bytes) --prepare--> AudioFeatures(mel (n_mels, W), frames F)
+    --collate--> AudioBatch(mel (B, n_mels, W_max), frames (B,))
+    --encode_batch--> tokens (B, T, D) encoder hidden states, mask (B, T) bool, pooled (B, D)
+
+Whisper hears 16 kHz audio as log-mel frames every 10 ms; its encoder turns two frames into one
+position (20 ms), so a clip of F frames (rounded up to even) fills T = F / 2 positions, at most
+1500 (30 s). tiny.en: D = 384, base: D = 512.
+
+variable_length=True (default): log-mel is computed on the clip's own length, the batch is padded
+to its longest clip, the conv stem and the sliced positional table run on that length only, and
+the encoder layers hide padded positions from attention. A clip's tokens do not depend on what
+else is in its batch: its features are exactly the first F + 2 frames Whisper's 30 s front end
+would give (the log-mel clamp "max - 8 dB" is taken over the clip's frames, which equals the max
+over the 30 s window since the zero padding sits at the floor), and every real position only sees
+frames <= F through the two size-3 convolutions. Tokens on padded positions are set to zero.
+What differs from the 30 s encoding is attention: real positions do not attend to trailing silence.
+
+variable_length=False: classic Whisper, every clip padded to 30 s, full attention over the 1500
+positions (equal to transformers' WhisperEncoder). The mask still marks only positions covering
+real audio (F / 2 of them), so ``pooled`` averages the clip, not 30 s of silence; like every
+masked position, the silence positions are zeroed in ``tokens`` (FrozenEncoder's contract).
+
+Clips longer than ``max_seconds`` are cut to it (the fingerprint records the limit).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Literal, NamedTuple
+
+import numpy as np
+import torch
+from pydantic import Field
+from torch import nn
+
+from ..convert.ctranslate2 import load_whisper, read_whisper_config, weights_digest
+from ..data.audio import audio_bytes, describe_audio, load_audio
+from .base import ENCODERS, EncoderConfig, EncoderOutput, FrozenEncoder, digest_bytes
+
+SAMPLE_RATE, HOP, N_FFT = 16000, 160, 400  # Whisper's front end: 25 ms windows every 10 ms
+LOG_FLOOR = -10.0  # log10 of the 1e-10 clamp: what all-zero (padding) frames give
+
+
+class AudioFeatures(NamedTuple):
+    mel: torch.Tensor  # (n_mels, W) normalised log-mel, W = F + 2 (variable) or 3000 (30 s)
+    frames: int  # F: even number of frames covering the clip
+    pad_value: float  # what Whisper's front end gives on pure padding (for batch padding)
+
+
+class AudioBatch(NamedTuple):
+    mel: torch.Tensor  # (B, n_mels, W_max)
+    frames: torch.Tensor  # (B,) long
+
+
+def clip_frames(n_samples: int) -> int:
+    """Mel frames covering ``n_samples`` at 16 kHz, rounded up to even (two per encoder position)."""
+    f = max(1, math.ceil(n_samples / HOP))
+    return f + (f % 2)
+
+
+def log_mel(audio: np.ndarray, filters: torch.Tensor, width: int, max_frames: int) -> tuple[torch.Tensor, float]:
+    """The first ``width`` frames of Whisper's normalised log-mel of ``audio`` zero-padded to
+    ``max_frames`` (30 s): returns (mel (n_mels, width), pad value). Computed on
+    min(width, max_frames) * HOP samples only; columns past ``max_frames`` are zeros (the
+    convolution's own padding there)."""
+    need = min(width, max_frames)
+    x = torch.zeros(need * HOP)
+    n = min(len(audio), need * HOP)
+    x[:n] = torch.from_numpy(np.ascontiguousarray(audio[:n], dtype=np.float32))
+    stft = torch.stft(x, N_FFT, HOP, window=torch.hann_window(N_FFT), return_complex=True)
+    power = (stft[..., :-1].abs() ** 2).contiguous()  # (n_fft/2 + 1, need)
+    log = torch.clamp(filters.T @ power, min=1e-10).log10()  # (n_mels, need)
+    floor = max(log.max().item() - 8.0, LOG_FLOOR)  # frames beyond `need` are all at LOG_FLOOR
+    mel = (torch.clamp(log, min=floor) + 4.0) / 4.0
+    if width > need:
+        mel = torch.cat([mel, mel.new_zeros(mel.shape[0], width - need)], dim=1)
+    return mel, (floor + 4.0) / 4.0
+
+
+class WhisperEncoderConfig(EncoderConfig):
+    type: Literal["whisper"] = "whisper"
+    model: str = "whisper-tiny.en"
+    variable_length: bool = Field(True, description="encode only the frames a clip needs (else pad to 30 s)")
+    max_seconds: float = Field(30.0, gt=0, le=30.0, description="longer clips are cut to this")
+
+
+@ENCODERS.register("whisper")
+class WhisperAudioEncoder(FrozenEncoder):
+    modality = "audio"
+    Config = WhisperEncoderConfig
+    cfg: WhisperEncoderConfig
+
+    def __init__(self, cfg: WhisperEncoderConfig):
+        super().__init__(cfg)
+        self._config = None  # WhisperConfig, read without loading weights
+        self._filters: torch.Tensor | None = None
+
+    # -- cheap metadata -----------------------------------------------------------------------
+    @property
+    def whisper_config(self):
+        if self._config is None:
+            self._config = read_whisper_config(self.cfg.model)
+        return self._config
+
+    @property
+    def token_dim(self) -> int:
+        return self.whisper_config.d_model
+
+    @property
+    def max_frames(self) -> int:
+        return 2 * self.whisper_config.max_source_positions  # 1500 positions -> 3000 frames (30 s)
+
+    def weights_id(self) -> str:
+        return weights_digest(self.cfg.model)
+
+    def preprocessing(self) -> dict[str, Any]:
+        return {"sr": SAMPLE_RATE, "n_mels": self.whisper_config.num_mel_bins, "hop": HOP, "n_fft": N_FFT,
+                "variable_length": self.cfg.variable_length, "max_seconds": self.cfg.max_seconds}
+
+    # -- inputs ------------------------------------------------------------------------------
+    def mel_filters(self) -> torch.Tensor:
+        if self._filters is None:
+            from transformers import WhisperFeatureExtractor
+
+            fe = WhisperFeatureExtractor(feature_size=self.whisper_config.num_mel_bins)
+            self._filters = torch.from_numpy(fe.mel_filters.astype(np.float32))  # (n_fft/2 + 1, n_mels)
+        return self._filters
+
+    def prepare(self, item: Any) -> AudioFeatures:
+        """Decode (16 kHz mono, cut to max_seconds) and compute log-mel; raises InputError."""
+        audio = load_audio(item, SAMPLE_RATE, max_seconds=self.cfg.max_seconds)
+        frames = min(clip_frames(len(audio)), self.max_frames)
+        width = frames + 2 if self.cfg.variable_length else self.max_frames
+        mel, pad = log_mel(audio, self.mel_filters(), width, self.max_frames)
+        return AudioFeatures(mel, frames, pad)
+
+    def collate(self, prepared: list[AudioFeatures]) -> AudioBatch:
+        width = max(p.mel.shape[1] for p in prepared)
+        mel = torch.stack([nn.functional.pad(p.mel, (0, width - p.mel.shape[1]), value=p.pad_value) for p in prepared])
+        return AudioBatch(mel, torch.tensor([p.frames for p in prepared], dtype=torch.long))
+
+    def content_key(self, item: Any) -> str:
+        return digest_bytes(audio_bytes(item))
+
+    def describe(self, item: Any) -> str:
+        return describe_audio(item)
+
+    # -- model -------------------------------------------------------------------------------
+    def build(self) -> None:
+        model, _, _ = load_whisper(self.cfg.model)
+        self.encoder = model.get_encoder()  # WhisperEncoder; the decoder is dropped
+        self._config = model.config
+
+    def _key_mask(self, valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """(B, T) bool -> attention mask (B, 1, 1, T) hiding padded keys, in the form the layers'
+        attention implementation takes (sdpa: bool, True = attend; eager: additive float)."""
+        if self.encoder.config._attn_implementation == "sdpa":
+            return valid[:, None, None, :]
+        return torch.zeros(valid.shape, dtype=dtype, device=valid.device).masked_fill(~valid, torch.finfo(dtype).min)[:, None, None, :]
+
+    def encode_batch(self, batch: AudioBatch) -> EncoderOutput:
+        enc = self.encoder
+        mel = batch.mel.to(enc.conv1.weight.device, enc.conv1.weight.dtype)
+        x = nn.functional.gelu(enc.conv1(mel))
+        x = nn.functional.gelu(enc.conv2(x))  # (B, D, W / 2)
+        n_pos = (batch.frames // 2).to(x.device)  # real positions per clip
+        T = int(n_pos.max()) if self.cfg.variable_length else enc.config.max_source_positions
+        x = x[:, :, :T].transpose(1, 2) + enc.embed_positions.weight[:T]  # (B, T, D)
+        valid = torch.arange(T, device=x.device) < n_pos[:, None]  # (B, T)
+        attn = self._key_mask(valid, x.dtype) if self.cfg.variable_length and not valid.all() else None
+        for layer in enc.layers:
+            x = layer(x, attn)
+        x = enc.layer_norm(x)
+        if self.cfg.variable_length:
+            x = x.masked_fill(~valid[..., None], 0.0)
+        weights = valid.to(x.dtype)[..., None]
+        pooled = (x * weights).sum(1) / weights.sum(1).clamp(min=1)
+        return EncoderOutput(x, valid, pooled)

@@ -1,0 +1,101 @@
+"""Poolers: a token sequence (B, T, D_in) + mask (B, T) -> one vector (B, out_dim).
+
+mean       masked average of the tokens (no parameters; with a linear projection this is the
+           "plain linear head" baseline)
+pooled     the backbone's own pooled vector (CLS / sentence embedding / global average)
+attention  learned queries cross-attend to the tokens (multi-head), averaged over queries
+perceiver  see perceiver.py: latents cross-attend to the tokens, then averaged
+"""
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from ..encoders.base import EncoderOutput
+from ..registry import Registry
+
+POOLERS = Registry("pooler")
+
+
+class PoolerConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Pooler(nn.Module):
+    Config: ClassVar[type[PoolerConfig]]
+    out_dim: int
+
+    def forward(self, x: EncoderOutput) -> torch.Tensor:  # (B, out_dim)
+        raise NotImplementedError
+
+
+def masked_mean(tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B, T, D), (B, T) bool -> (B, D) mean over real tokens."""
+    w = mask.to(tokens.dtype).unsqueeze(-1)
+    return (tokens * w).sum(1) / w.sum(1).clamp_min(1.0)
+
+
+class MeanConfig(PoolerConfig):
+    type: Literal["mean"] = "mean"
+
+
+@POOLERS.register("mean")
+class MeanPooler(Pooler):
+    Config = MeanConfig
+
+    def __init__(self, cfg: MeanConfig, in_dim: int):
+        super().__init__()
+        self.out_dim = in_dim
+
+    def forward(self, x: EncoderOutput) -> torch.Tensor:
+        return masked_mean(x.tokens, x.mask)
+
+
+class PooledConfig(PoolerConfig):
+    type: Literal["pooled"] = "pooled"
+
+
+@POOLERS.register("pooled")
+class BackbonePooled(Pooler):
+    Config = PooledConfig
+
+    def __init__(self, cfg: PooledConfig, in_dim: int):
+        super().__init__()
+        self.out_dim = in_dim
+
+    def forward(self, x: EncoderOutput) -> torch.Tensor:
+        return x.pooled
+
+
+class AttentionConfig(PoolerConfig):
+    type: Literal["attention"] = "attention"
+    dim: int = Field(512, ge=8, description="width of queries and output")
+    heads: int = Field(8, ge=1)
+    queries: int = Field(1, ge=1, description="learned queries, averaged into one vector")
+    dropout: float = Field(0.0, ge=0, lt=1)
+
+
+@POOLERS.register("attention")
+class AttentionPooler(Pooler):
+    """Learned queries (Q, dim) attend over LayerNorm(tokens): (B, T, D_in) -> (B, dim)."""
+
+    Config = AttentionConfig
+
+    def __init__(self, cfg: AttentionConfig, in_dim: int):
+        super().__init__()
+        if cfg.dim % cfg.heads:
+            raise ValueError(f"attention pooler: dim {cfg.dim} is not divisible by heads {cfg.heads}")
+        self.out_dim = cfg.dim
+        self.norm_in = nn.LayerNorm(in_dim)
+        self.query = nn.Parameter(torch.randn(cfg.queries, cfg.dim) * cfg.dim**-0.5)
+        self.attn = nn.MultiheadAttention(cfg.dim, cfg.heads, dropout=cfg.dropout, kdim=in_dim, vdim=in_dim, batch_first=True)
+        self.norm_out = nn.LayerNorm(cfg.dim)
+
+    def forward(self, x: EncoderOutput) -> torch.Tensor:
+        kv = self.norm_in(x.tokens)
+        q = self.query.unsqueeze(0).expand(kv.shape[0], -1, -1)
+        out, _ = self.attn(q, kv, kv, key_padding_mask=~x.mask, need_weights=False)
+        return self.norm_out(out.mean(1))

@@ -1,0 +1,3 @@
+from .alignment import AlignmentModel
+
+__all__ = ["AlignmentModel"]

@@ -1,0 +1,71 @@
+"""Shared fixtures: real data from ../shared/data (or $EDGE_GLASS_DATA), a per-session feature
+cache, and real small models (loaded once per session)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _session_cache(tmp_path_factory):
+    """A fresh cache root per test session (unless EDGE_GLASS_TEST_CACHE names one to reuse)."""
+    path = os.environ.get("EDGE_GLASS_TEST_CACHE") or str(tmp_path_factory.mktemp("edge_glass_cache"))
+    old = os.environ.get("EDGE_GLASS_CACHE")
+    os.environ["EDGE_GLASS_CACHE"] = path
+    yield Path(path)
+    if old is None:
+        os.environ.pop("EDGE_GLASS_CACHE", None)
+    else:
+        os.environ["EDGE_GLASS_CACHE"] = old
+
+
+@pytest.fixture(scope="session")
+def data_root() -> Path:
+    from edge_glass.paths import data_root as root
+
+    path = root()
+    if not (path / "coco1k" / "captions.json").is_file():
+        pytest.skip(f"real data not found at {path} (set EDGE_GLASS_DATA to the shared data folder)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def coco_subset(data_root, tmp_path_factory) -> Path:
+    """A COCO-format dataset of the first 48 coco1k images (real photos and captions)."""
+    src = json.loads((data_root / "coco1k" / "captions.json").read_text())
+    images = src["images"][:48]
+    ids = {im["id"] for im in images}
+    out = tmp_path_factory.mktemp("coco48")
+    (out / "images").mkdir()
+    for im in images:
+        os.symlink(data_root / "coco1k" / "images" / im["file_name"], out / "images" / im["file_name"])
+    anns = [a for a in src["annotations"] if a["image_id"] in ids]
+    (out / "captions.json").write_text(json.dumps({"images": images, "annotations": anns}))
+    return out
+
+
+@pytest.fixture(scope="session")
+def image_encoder():
+    from edge_glass.encoders.efficientnet import EfficientNetLiteConfig, EfficientNetLiteEncoder
+
+    return EfficientNetLiteEncoder(EfficientNetLiteConfig()).ensure_loaded()
+
+
+@pytest.fixture(scope="session")
+def text_encoder():
+    from edge_glass.encoders.text import SentenceTransformerConfig, SentenceTransformerEncoder
+
+    return SentenceTransformerEncoder(SentenceTransformerConfig()).ensure_loaded()
+
+
+def copy_images(data_root: Path, dest: Path, n: int) -> list[Path]:
+    dest.mkdir(parents=True, exist_ok=True)
+    files = sorted((data_root / "coco1k" / "images").iterdir())[:n]
+    return [Path(shutil.copy(f, dest / f.name)) for f in files]
