@@ -1,4 +1,4 @@
-"""edge-glass: train | eval | embed | info. Thin: parses arguments and calls the library."""
+"""edge-glass: train | eval | embed | speak | info. Thin: parses arguments and calls the library."""
 from __future__ import annotations
 
 import argparse
@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from .errors import EdgeGlassError
+from .errors import ConfigError, EdgeGlassError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".mp3"}
@@ -22,6 +22,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a config value (repeatable)")
     t.add_argument("--out", help="run directory (default runs/<name>-<time>)")
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    t.add_argument("--variant", dest="variants", action="append", default=[], metavar="NAME",
+                   help="train only this variant of an ablation config (repeatable; default: all)")
     t.add_argument("--no-progress", action="store_true")
 
     e = sub.add_parser("eval", help="retrieval Recall@K of a run")
@@ -39,6 +41,17 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--out", required=True, help="output .npz (embeddings, ids) or .safetensors")
     m.add_argument("--dim", type=int, help="embedding size (default: the largest)")
 
+    s = sub.add_parser("speak", help="speak a dataset's captions with espeak-ng: image-audio-text triples + a JSONL manifest")
+    s.add_argument("data", help="a dataset spec with captions, e.g. coco:coco1k")
+    s.add_argument("--out", required=True, help="output directory: audio/ and manifest.jsonl (existing clips are reused)")
+    s.add_argument("--format", default="mp3", choices=["mp3", "wav", "flac", "ogg"])
+    s.add_argument("--voices", help="comma-separated espeak-ng voices, +variant allowed (default: the training pool)")
+    s.add_argument("--variants", help="comma-separated variants applied to every voice ('' = its own)")
+    s.add_argument("--speeds", help="comma-separated words per minute")
+    s.add_argument("--pitches", help="comma-separated pitches 0-99")
+    s.add_argument("--seed", type=int, default=0, help="seeds each caption's draw of voice, speed and pitch")
+    s.add_argument("--max-groups", type=int, help="speak only the captions of the first N images")
+
     i = sub.add_parser("info", help="resolved config and parameter counts")
     i.add_argument("target", help="a config YAML or a run directory")
     i.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
@@ -51,13 +64,16 @@ def cmd_train(args) -> None:
 
     cfg = load_config(args.config, args.overrides)
     out = Path(args.out or f"runs/{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    unknown = [v for v in args.variants if v not in cfg.variants]
+    if unknown:
+        raise ConfigError(f"{args.config}: no variant {', '.join(unknown)}; the config has: {', '.join(cfg.variants) or 'none'}")
     if not cfg.variants:
         train(cfg, out, resume=args.resume, progress=not args.no_progress)
         if _is_main_process():
             print(f"run directory: {out}")
         return
     results = {}
-    for name in cfg.variants:
+    for name in args.variants or cfg.variants:
         print(f"== variant {name}")
         results[name] = train(variant_config(cfg, name), out / name, resume=args.resume, progress=not args.no_progress)
     if _is_main_process():
@@ -72,30 +88,51 @@ def _is_main_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
+def _short(direction: str) -> str:
+    """text_to_image -> t2i, image+audio_to_text -> ia2t."""
+    return "2".join("".join(m[0] for m in side.split("+")) for side in direction.split("_to_"))
+
+
 def _print_ablation(results: dict) -> None:
+    """One row per variant and dim; R@1/5/10 of every retrieval direction the variants report."""
+    directions = list(dict.fromkeys(k for r in results.values() if r for block in r["dims"].values() for k in block))
     rows = []
     for name, r in results.items():
         if not r:
             continue
         for d, block in r["dims"].items():
-            t2i, i2t = block.get("text_to_image", {}), block.get("image_to_text", {})
-            rows.append(f"{name:<24}{d:>6}" + "".join(f"{t2i.get(k, float('nan')):>8.2f}" for k in ("R@1", "R@5", "R@10"))
-                        + "".join(f"{i2t.get(k, float('nan')):>8.2f}" for k in ("R@1", "R@5", "R@10")))
-    print(f"{'variant':<24}{'dim':>6}{'t2i@1':>8}{'t2i@5':>8}{'t2i@10':>8}{'i2t@1':>8}{'i2t@5':>8}{'i2t@10':>8}")
+            rows.append(f"{name:<24}{d:>6}" + "".join(f"{block.get(x, {}).get(k, float('nan')):>8.2f}" for x in directions for k in ("R@1", "R@5", "R@10")))
+    print(f"{'variant':<24}{'dim':>6}" + "".join(f"{_short(x) + '@' + k[2:]:>8}" for x in directions for k in ("R@1", "R@5", "R@10")))
     print("\n".join(rows))
 
 
 def cmd_eval(args) -> None:
     from .api import evaluate
     from .eval.retrieval import format_table
+    from .runs import slug
 
     result = evaluate(args.run_dir, args.data, progress=not args.no_progress)
-    print(format_table(result, f"{args.run_dir} on {args.data or 'its test split'}"))
+    title = f"{args.run_dir} on {args.data or 'its test split'}"
+    predictions = result.pop("predictions", None)
+    if "exact_match" in result:
+        from .tasks.vqa import format_qa
+
+        print(format_qa({**result, "predictions": predictions or []}, title))
+    else:
+        print(format_table(result, title))
+    if "zero_shot_digits" in result:
+        z = result["zero_shot_digits"]
+        print(f"zero-shot spoken digits: {z['accuracy']:.2f}% of {z['n']} clips (chance {z['chance']:.0f}%); per speaker: "
+              + ", ".join(f"{k} {v:.1f}" for k, v in z["per_speaker"].items()))
     if result.get("skipped"):
         print(f"skipped {result['skipped']} samples: {result.get('skipped_by_reason')}")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
         print(f"wrote {args.json}")
+    if predictions is not None:
+        where = Path(args.json).with_suffix(".predictions.json") if args.json else Path(args.run_dir) / f"predictions_{slug(args.data or 'test')}.json"
+        where.write_text(json.dumps(predictions, indent=2))
+        print(f"sample predictions: {where}")
 
 
 def _list_files(folder: str, suffixes: set[str]) -> list[Path]:
@@ -144,27 +181,34 @@ def cmd_embed(args) -> None:
     print(f"wrote {emb.shape[0]} {modality} embeddings of dim {emb.shape[1]} to {out}" + (f" ({skipped} skipped)" if skipped else ""))
 
 
+def cmd_speak(args) -> None:
+    from .data import speech
+    from .data.formats import read_dataset
+    from .data.samples import DataReport
+    from .train.data import limit_groups
+
+    default = args.voices is None and args.variants is None and args.speeds is None and args.pitches is None
+    pool = speech.TRAIN_POOL if default else speech.VoicePool.parse(
+        args.voices or speech.TRAIN_VOICES, args.speeds or speech.TRAIN_SPEEDS, args.pitches or speech.TRAIN_PITCHES, args.variants or "")
+    report = DataReport()
+    samples = limit_groups(read_dataset(args.data, report), args.max_groups)
+    start = time.time()
+    spoken = speech.speak_samples(samples, Path(args.out), pool, args.format, args.seed, report)
+    manifest = speech.write_manifest(spoken, Path(args.out))
+    print(f"{len(spoken)} spoken captions ({len(pool.voices)} voices, {args.format}) in {time.time() - start:.1f} s -> {manifest}")
+    if report.skipped:
+        print(report.summary())
+
+
 def cmd_info(args) -> None:
-    from .api import build_core
+    from .api import parameter_rows
     from .config import dump_config, load_config
-    from .encoders import build_encoders
     from .runs import RunDir
 
     target = Path(args.target)
     cfg = RunDir(target).read_config() if target.is_dir() else load_config(target, args.overrides)
     print(dump_config(cfg))
-    encoders = build_encoders(cfg.encoders)
-    core = build_core(cfg, encoders)
-    rows = []
-    for m, enc in encoders.items():
-        enc.ensure_loaded()
-        rows.append((f"encoders.{m} ({enc.cfg.type}, frozen)", sum(p.numel() for p in enc.parameters()), 0))
-    for m, head in core.heads.items():
-        for part in ("pooler", "projection"):
-            mod = getattr(head, part)
-            n = sum(p.numel() for p in mod.parameters())
-            rows.append((f"heads.{m}.{part}", n, sum(p.numel() for p in mod.parameters() if p.requires_grad)))
-    rows.append(("logit_scales", sum(p.numel() for p in core.logit_scales.values()), sum(p.numel() for p in core.logit_scales.values() if p.requires_grad)))
+    rows = parameter_rows(cfg, target if target.is_dir() else None)
     width = max(len(r[0]) for r in rows) + 2
     print(f"{'module':<{width}}{'total':>14}{'trainable':>14}")
     for name, total, trainable in rows:
@@ -175,7 +219,7 @@ def cmd_info(args) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        {"train": cmd_train, "eval": cmd_eval, "embed": cmd_embed, "info": cmd_info}[args.command](args)
+        {"train": cmd_train, "eval": cmd_eval, "embed": cmd_embed, "speak": cmd_speak, "info": cmd_info}[args.command](args)
     except EdgeGlassError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -17,8 +17,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .encoders import ENCODERS
 from .errors import ConfigError
-from .heads import POOLERS, ProjectionConfig
+from .heads import FUSIONS, POOLERS, ProjectionConfig
 from .heads.pooling import MeanConfig
+from .decoders import DECODERS
+from .decoders.fusion import DECODER_FUSIONS, PrefixConfig
+from .encoders.efficientnet import EfficientNetLiteConfig
+from .models.vlm import ProjectorConfig
 
 
 class Strict(BaseModel):
@@ -41,6 +45,16 @@ class DataConfig(Strict):
     eval: list[str] = Field(default_factory=list, description="extra datasets evaluated whole at the end")
     max_groups: int | None = Field(None, ge=1, description="use only this many images/clips per dataset (quick runs)")
     pairs_per_epoch: Literal["all", "one_per_group"] = "all"
+    weights: dict[str, float] = Field(default_factory=dict, description="per training dataset: its samples per epoch as a multiple of its size (0.25: a fresh quarter each epoch, 2: twice); default 1")
+
+    @model_validator(mode="after")
+    def _weights(self) -> "DataConfig":
+        for spec, w in self.weights.items():
+            if spec not in self.train:
+                raise ValueError(f"weights: {spec!r} is not one of data.train")
+            if w < 0:
+                raise ValueError(f"weights: {spec!r} has a negative weight {w}")
+        return self
 
 
 class CacheConfig(Strict):
@@ -60,6 +74,7 @@ class HeadConfig(Strict):
 class ModelConfig(Strict):
     dims: list[int] = Field(default_factory=lambda: [512, 256, 128, 64], min_length=1)
     heads: dict[str, HeadConfig] = Field(default_factory=dict)
+    fusion: FUSIONS.config_union() | None = Field(None, description="fuse two modalities' tokens into one embedding, e.g. image+audio")  # type: ignore[valid-type]
 
     @field_validator("dims")
     @classmethod
@@ -107,6 +122,7 @@ class TrainConfig(Strict):
     schedule: Literal["cosine", "constant"] = "cosine"
     grad_clip: float | None = Field(1.0, gt=0)
     eval_every: int = Field(0, ge=0, description="steps between validation evals; 0 = every epoch")
+    select: Literal["last", "best"] = Field("last", description="final weights: the last step's, or the best validation score's")
     checkpoint_every: int = Field(50, ge=1, description="steps between checkpoints")
     keep_checkpoints: int = Field(2, ge=1)
     log_every: int = Field(10, ge=1)
@@ -118,6 +134,7 @@ class TrainConfig(Strict):
 class EvalConfig(Strict):
     ks: list[int] = Field(default_factory=lambda: [1, 5, 10])
     batch_size: int = Field(512, ge=1)
+    dims: list[int] | None = Field(None, description="dims to evaluate (prefix truncation); default model.dims")
 
 
 class AlignmentConfig(Strict):
@@ -148,17 +165,73 @@ class AlignmentConfig(Strict):
         extra = set(self.model.heads) - set(self.encoders)
         if extra:
             raise ValueError(f"model.heads: no encoder for {sorted(extra)}")
+        if self.eval.dims and max(self.eval.dims) > self.model.dims[0]:
+            raise ValueError(f"eval.dims: {max(self.eval.dims)} exceeds the largest model dim {self.model.dims[0]}")
         w = self.loss.mrl.weights
         if w is not None and len(w) != len(self.model.dims):
             raise ValueError(f"loss.mrl.weights: {len(w)} weights for {len(self.model.dims)} dims")
+        names = set(self.encoders)
+        if (fusion := self.model.fusion) is not None:
+            missing = [m for m in fusion.inputs if m not in self.encoders]
+            if missing:
+                raise ValueError(f"model.fusion.inputs: no encoder for {missing}")
+            if not names - set(fusion.inputs):
+                raise ValueError("model.fusion: needs a third modality to align the fused input with")
+            names.add(fusion.name)
         for p in (self.loss.pairs or []) + list(self.loss.pair_weights):
             a, _, b = p.partition("-")
-            if a not in self.encoders or b not in self.encoders or a == b:
-                raise ValueError(f"loss pair {p!r}: expected 'a-b' with a, b among {sorted(self.encoders)}")
+            if a not in names or b not in names or a == b or set(a.split("+")) & set(b.split("+")):
+                raise ValueError(f"loss pair {p!r}: expected 'a-b' with a, b among {sorted(names)} (a fused input is not paired with its parts)")
         return self
 
 
-TASKS: dict[str, type[Strict]] = {"alignment": AlignmentConfig}
+# --- vision-language decoders ----------------------------------------------------------------
+
+class VisionConfig(Strict):
+    encoder: ENCODERS.config_union() = Field(default_factory=EfficientNetLiteConfig)  # type: ignore[valid-type]
+    aligned_run: str | None = Field(None, description="an alignment run dir: its frozen image encoder + head make the visual tokens")
+
+    @model_validator(mode="after")
+    def _image(self) -> "VisionConfig":
+        if ENCODERS.get(self.encoder.type).modality != "image":
+            raise ValueError(f"encoder: {self.encoder.type!r} is not an image encoder")
+        return self
+
+
+class QADataConfig(Strict):
+    train: list[str] = Field(min_length=1, description="QA specs: easy-vqa[:train|:test], jsonl:FILE, captions:SPEC")
+    eval: list[str] = Field(default_factory=list, description="extra QA sets evaluated whole at the end")
+    val: float = Field(0.05, ge=0, description="held-out images for validation (count or fraction) unless the data defines them")
+    test: float = Field(0.1, ge=0, description="held-out images for testing unless the data defines them")
+    seed: int = 0
+    max_samples: int | None = Field(None, ge=1, description="first N samples per spec and predefined split (quick runs)")
+
+
+class QAEvalConfig(Strict):
+    max_new_tokens: int = Field(16, ge=1)
+    batch_size: int = Field(64, ge=1)
+    samples: int = Field(20, ge=0, description="predictions saved with each evaluation")
+    val_limit: int | None = Field(1000, ge=1, description="validation questions per periodic evaluation")
+
+
+class VLMConfig(Strict):
+    """A decoder experiment: frozen visual tokens -> projector -> decoder, answer-only loss."""
+
+    task: Literal["vlm"] = "vlm"
+    name: str = "experiment"
+    seed: int = 0
+    vision: VisionConfig = VisionConfig()
+    projector: ProjectorConfig = ProjectorConfig()
+    decoder: DECODERS.config_union()  # type: ignore[valid-type]
+    fusion: DECODER_FUSIONS.config_union() = PrefixConfig()  # type: ignore[valid-type]
+    data: QADataConfig
+    cache: CacheConfig = CacheConfig()
+    train: TrainConfig = TrainConfig()
+    eval: QAEvalConfig = QAEvalConfig()
+    variants: dict[str, dict[str, Any]] = Field(default_factory=dict, description="ablation: name -> overrides")
+
+
+TASKS: dict[str, type[Strict]] = {"alignment": AlignmentConfig, "vlm": VLMConfig}
 
 
 # --- loading, overrides, errors -----------------------------------------------------------------

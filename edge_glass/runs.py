@@ -50,16 +50,28 @@ class RunDir:
         return json.loads(self.file(name).read_text())
 
     # weights
-    def save_weights(self, state: dict) -> None:
-        tmp = self.file("model.safetensors.tmp")
-        save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(tmp))
-        tmp.replace(self.file("model.safetensors"))
+    def save_weights(self, state: dict, name: str = "model.safetensors") -> None:
+        tmp = self.file(name + ".tmp")
+        save_file(tensors_for_saving(state), str(tmp))
+        tmp.replace(self.file(name))
 
-    def load_weights(self) -> dict:
-        f = self.file("model.safetensors")
+    def load_weights(self, name: str = "model.safetensors") -> dict:
+        f = self.file(name)
         if not f.is_file():
             raise EdgeGlassError(f"{self.path}: no model.safetensors (training did not finish? resume it with --resume)")
         return load_file(str(f))
+
+
+def tensors_for_saving(state: dict) -> dict:
+    """Detached, contiguous CPU tensors; tied weights (one storage under two names, e.g. shared
+    input/output embeddings) are stored as separate copies, which load back into the tie."""
+    out, seen = {}, set()
+    for k, v in state.items():
+        v = v.detach().cpu()
+        ptr = (v.untyped_storage().data_ptr(), v.storage_offset())
+        out[k] = v.clone().contiguous() if ptr in seen else v.contiguous()
+        seen.add(ptr)
+    return out
 
 
 def slug(text: str) -> str:

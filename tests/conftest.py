@@ -69,3 +69,28 @@ def copy_images(data_root: Path, dest: Path, n: int) -> list[Path]:
     dest.mkdir(parents=True, exist_ok=True)
     files = sorted((data_root / "coco1k" / "images").iterdir())[:n]
     return [Path(shutil.copy(f, dest / f.name)) for f in files]
+
+
+@pytest.fixture(scope="session")
+def fsdd_subset(data_root, tmp_path_factory) -> Path:
+    """FSDD recordings of two speakers, all ten digits, takes 0-1 (official test) and 5-6 (train)."""
+    src = data_root / "fsdd" / "recordings"
+    if not src.is_dir():
+        pytest.skip(f"FSDD not found at {src} (set EDGE_GLASS_DATA to the shared data folder)")
+    out = tmp_path_factory.mktemp("fsdd") / "recordings"
+    out.mkdir()
+    for speaker in ("george", "jackson"):
+        for digit in range(10):
+            for take in (0, 1, 5, 6):
+                name = f"{digit}_{speaker}_{take}.wav"
+                os.symlink(src / name, out / name)
+    return out.parent
+
+
+@pytest.fixture(scope="session")
+def espeak() -> str:
+    """Path of espeak-ng (spoken-caption synthesis); skips where it is not installed."""
+    exe = shutil.which("espeak-ng")
+    if exe is None:
+        pytest.skip("espeak-ng is not installed (apt-get install espeak-ng; scripts/setup.sh does it)")
+    return exe

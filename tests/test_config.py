@@ -15,9 +15,11 @@ BASE = {
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
-def test_shipped_configs_validate(path):
+def test_shipped_configs_and_their_variants_validate(path):
     cfg = load_config(path)
     assert cfg.name
+    for name in getattr(cfg, "variants", {}):
+        assert variant_config(cfg, name).name == f"{cfg.name}/{name}"
 
 
 def test_unknown_key_is_rejected_with_file_and_key_path(tmp_path):

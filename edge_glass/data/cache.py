@@ -3,7 +3,9 @@
 Layout: <cache dir>/<encoder.cache_id()>/shard-*.safetensors. The directory name hashes the
 encoder fingerprint (weights digest, preprocessing, precision, code version), so changing any
 of them starts a fresh directory; inside, items are keyed by a digest of their content (image
-bytes, text), so renamed files hit and edited files miss. A shard holds ragged token sequences
+bytes, text), so renamed files hit and edited files miss. Inputs are encoded in batches of
+similar length (a window of prepared inputs sorted by ``Encoder.length``), which saves padding
+and changes an item's features by float rounding at most. A shard holds ragged token sequences
 (tokens concatenated, with per-item lengths) and pooled vectors; it is written to a temporary
 name and renamed, so a killed run never leaves a half-written shard.
 """
@@ -64,7 +66,7 @@ class FeatureTable:
 class LiveFeatures:
     """Same interface as FeatureTable, but encodes the inputs on every call (no cache)."""
 
-    def __init__(self, encoder: FrozenEncoder, items: list[Any], batch_size: int | None = None):
+    def __init__(self, encoder: FrozenEncoder, items: list[Any]):
         self.encoder, self.items = encoder, items
 
     def __len__(self) -> int:
@@ -75,6 +77,8 @@ class LiveFeatures:
 
 
 class FeatureCache:
+    SORT_WINDOW = 16  # batches prepared at a time and regrouped by input length (Encoder.length)
+
     def __init__(self, root: Path, encoder: FrozenEncoder, dtype: str = "float16", shard_size: int = 1024):
         self.encoder = encoder
         self.dir = Path(root) / encoder.cache_id()
@@ -125,21 +129,26 @@ class FeatureCache:
         pending_keys: list[str] = []
         pending_outs: list[EncoderOutput] = []
         bar = tqdm(total=len(todo), desc=f"{desc} ({self.encoder.modality})", unit="item", disable=not progress, leave=False)
-        for start in range(0, len(todo), batch_size):
+        sized = type(self.encoder).length is not FrozenEncoder.length  # fixed-size inputs (images): no window
+        window = batch_size * (self.SORT_WINDOW if sized else 1)
+        for start in range(0, len(todo), window):
             chunk, prepared = [], []
-            for key in todo[start : start + batch_size]:
+            for key in todo[start : start + window]:
                 try:
                     prepared.append(self.encoder.prepare(items[key]))
                     chunk.append(key)
                 except InputError as err:
                     failures[key] = err
-            if chunk:
-                pending_outs.append(self.encoder(self.encoder.collate(prepared)))
-                pending_keys.extend(chunk)
-            if len(pending_keys) >= self.shard_size:
-                self._write_shard(pending_keys, pending_outs)
-                pending_keys, pending_outs = [], []
-            bar.update(len(todo[start : start + batch_size]))
+            order = sorted(range(len(chunk)), key=lambda i: self.encoder.length(prepared[i]))  # stable: ties keep input order
+            for b in range(0, len(order), batch_size):
+                idx = order[b : b + batch_size]
+                pending_outs.append(self.encoder(self.encoder.collate([prepared[i] for i in idx])))
+                pending_keys.extend(chunk[i] for i in idx)
+                bar.update(len(idx))
+                if len(pending_keys) >= self.shard_size:
+                    self._write_shard(pending_keys, pending_outs)
+                    pending_keys, pending_outs = [], []
+            bar.update(len(todo[start : start + window]) - len(chunk))
         if pending_keys:
             self._write_shard(pending_keys, pending_outs)
         bar.close()

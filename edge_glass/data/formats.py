@@ -2,8 +2,12 @@
 
     coco:DIR        COCO captions json (DIR/captions.json or DIR/annotations/captions_*.json) + images
     flickr8k:DIR    DIR/captions.txt with header ``image,caption`` + DIR/images/
-    jsonl:FILE      one object per line with any of ``image``, ``audio``, ``text`` (paths relative to FILE)
+    jsonl:FILE      one object per line with any of ``image``, ``audio``, ``text`` (paths relative to FILE),
+                    optionally ``group``
     parquet:FILE    PixMo-style table: an image column (path, bytes or URL) and a caption column
+    fsdd:DIR        Free Spoken Digit Dataset recordings (fsdd.py)
+    spoken:SPEC     another dataset's captions spoken by espeak-ng voices, cached (speech.py);
+                    spoken:K:SPEC speaks each caption with K voices
 
 Relative locations are looked up in the working directory, then in the data root
 ($EDGE_GLASS_DATA, default ../shared/data). Unusable rows (empty caption, missing file, bad
@@ -17,7 +21,7 @@ import io
 import json
 import urllib.request
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from ..errors import DataError
 from ..paths import cache_root, resolve_data_path
@@ -25,11 +29,15 @@ from .samples import DataReport, Sample
 
 Reader = Callable[[Path, DataReport], list[Sample]]
 FORMATS: dict[str, Reader] = {}
+OVER_SPECS: set[str] = set()  # formats whose location is another dataset spec (spoken:coco:DIR)
 
 
-def dataset_format(name: str) -> Callable[[Reader], Reader]:
+def dataset_format(name: str, over_spec: bool = False) -> Callable[[Reader], Reader]:
+    """Register a reader; ``over_spec`` readers get the rest of the spec (a string), not a path."""
     def deco(fn: Reader) -> Reader:
         FORMATS[name] = fn
+        if over_spec:
+            OVER_SPECS.add(name)
         return fn
 
     return deco
@@ -40,10 +48,12 @@ def clean_text(text: object) -> str:
     return " ".join(text.split()) if isinstance(text, str) else ""
 
 
-def parse_spec(spec: str) -> tuple[str, Path]:
+def parse_spec(spec: str) -> tuple[str, Any]:
     kind, sep, where = spec.partition(":")
     if not sep or kind not in FORMATS:
         raise DataError(f"dataset spec {spec!r}: expected FORMAT:PATH with FORMAT one of {', '.join(sorted(FORMATS))}")
+    if kind in OVER_SPECS:
+        return kind, where
     path = resolve_data_path(where)
     if not path.exists():
         raise DataError(f"dataset spec {spec!r}: {path} does not exist")
@@ -239,3 +249,6 @@ class UrlFetcher:
         tmp.write_bytes(data)
         tmp.replace(dest)
         return dest, ""
+
+
+from . import fsdd, speech  # noqa: E402,F401  (register the fsdd and spoken formats)

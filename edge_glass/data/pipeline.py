@@ -16,7 +16,7 @@ import torch
 
 from ..encoders.base import EncoderOutput, FrozenEncoder
 from ..errors import DataError, InputError
-from .cache import FeatureCache, FeatureTable, LiveFeatures
+from .cache import FeatureCache, LiveFeatures
 from .samples import DataReport, Sample
 
 
@@ -31,6 +31,15 @@ class Batch:
     present: dict[str, torch.Tensor]
     features: dict[str, EncoderOutput]
     keys: dict[str, torch.Tensor]
+
+    def joint(self, a: str, b: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Samples having both a and b: (B,) bool, and (B,) content keys of the (a, b)
+        combination (equal key = same a and same b; -1 where either is absent)."""
+        none = torch.zeros_like(next(iter(self.present.values())))
+        both = self.present.get(a, none) & self.present.get(b, none)
+        if not both.any():
+            return both, torch.full(both.shape, -1, dtype=torch.long, device=both.device)
+        return both, torch.where(both, self.keys[a] * 2**31 + self.keys[b], -1)
 
 
 class PairedData:

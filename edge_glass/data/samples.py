@@ -17,6 +17,8 @@ class Sample:
 
     group: the unit of splitting (no group is in two splits), usually the image or clip identity.
     source: where the sample came from, for messages ("captions.json annotation 42").
+    split: a split the dataset itself assigns ("train", "val" or "test", e.g. FSDD's official
+    test takes), honoured before the seeded hash split; None = decided by the hash.
     """
 
     group: str
@@ -24,6 +26,7 @@ class Sample:
     image: Any = None
     audio: Any = None
     text: str | None = None
+    split: str | None = None
 
     def modalities(self) -> tuple[str, ...]:
         return tuple(m for m in MODALITIES if getattr(self, m) is not None)

@@ -121,6 +121,14 @@ class Decoder(nn.Module):
                             max_new_tokens=max_new_tokens, prefix_mask=prefix_mask)
         return [self.prompt.decode(row.tolist()) for row in ids]
 
+    def token_embedding(self) -> nn.Module:
+        """The module that turns input ids into (B, L, d_model) embeddings (fusions hook it)."""
+        raise NotImplementedError
+
+    def blocks(self) -> list[nn.Module]:
+        """The transformer blocks whose outputs are hidden states (fusions hook them)."""
+        raise NotImplementedError
+
     def num_parameters(self, trainable_only: bool = True) -> int:
         """Parameter count (shared/tied tensors counted once)."""
         seen: set[int] = set()

@@ -24,6 +24,7 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
 
 from ..errors import ConfigError, ModelNotFoundError
 from ..paths import cache_root
@@ -146,6 +147,7 @@ class LMDecoder(Decoder):
         """``model``/``tokenizer`` given: use them (tests, custom models); else load ``cfg.model``."""
         super().__init__()
         self.cfg = cfg
+        self.load_seconds: float | None = None  # time to load cfg.model (None when a model was passed in)
         if model is None:
             t0 = time.perf_counter()
             model, tokenizer = load_causal_lm(cfg.model, cfg.dtype, cfg.quantization)
@@ -182,6 +184,12 @@ class LMDecoder(Decoder):
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self._causal_lm().get_input_embeddings()(input_ids)
+
+    def token_embedding(self) -> nn.Module:
+        return self._causal_lm().get_input_embeddings()
+
+    def blocks(self) -> list[nn.Module]:
+        return list(self._backbone().layers)
 
     def forward(self, prefix: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, prefix_mask: torch.Tensor | None = None,

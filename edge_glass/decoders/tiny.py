@@ -78,6 +78,12 @@ class TinyDecoder(Decoder):
         loss = None if labels is None else answer_loss(logits, join_labels(labels, prefix.shape[1]))
         return DecoderOutput(loss, logits if return_logits else None, {})
 
+    def token_embedding(self) -> nn.Module:
+        return self.embed
+
+    def blocks(self) -> list[nn.Module]:
+        return list(self.stack.blocks)
+
     def next_token_logits(self, prefix, input_ids, attention_mask, prefix_mask, state):
         """No cache: the short sequence is recomputed each step. Returns (B, V), None."""
         return self.forward(prefix, input_ids, attention_mask, prefix_mask=prefix_mask).logits[:, -1], None

@@ -5,13 +5,14 @@ One tiny causal network f (n_layers post-norm blocks, RoPE) is applied recursive
 sequences of the same shape (B, S, D), S = P + L:
 
     x  context: RMSNorm(prefix ++ embed(input_ids))       (fixed)
-    y  answer state: lm_head(y)[:, i] predicts token i+1   (init: learned-free constant y_init)
-    z  latent state                                         (init: constant z_init)
+    y  answer state: lm_head(y)[:, i] predicts token i+1   (init: y_init, a fixed random vector)
+    z  latent state                                         (init: z_init, a fixed random vector)
 
     latent_recursion:  n times z <- f(x + y + z);  then y <- f(y + z)
     deep_recursion:    latent_recursion T times, the first T-1 under no_grad
     deep supervision:  n_sup deep recursions; (y, z) carried detached from one to the next,
-                       a loss after each; the returned loss is their mean
+                       a loss after each; the returned loss is their mean (training always
+                       runs all n_sup steps; halting only shortens inference)
 
 Halting: a Q head reads y at each position and predicts whether the current argmax token there
 is correct (BCE against that, on answer positions). At inference the recursion for the next
@@ -96,6 +97,12 @@ class TRMDecoder(Decoder):
         """x (B, S, D) normalised context embeddings and mask (B, S) bool."""
         embeds, mask = join_inputs(prefix, self.embed(input_ids), attention_mask, prefix_mask)
         return self.in_norm(embeds), mask
+
+    def token_embedding(self) -> nn.Module:
+        return self.embed
+
+    def blocks(self) -> list[nn.Module]:
+        return list(self.net.blocks)  # applied at every recursion, so a fusion acts at every one
 
     def init_state(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.y_init.to(x.dtype).expand_as(x), self.z_init.to(x.dtype).expand_as(x)

@@ -31,6 +31,18 @@ class EncoderOutput(NamedTuple):
     def to(self, device: torch.device | str) -> "EncoderOutput":
         return EncoderOutput(self.tokens.to(device), self.mask.to(device), self.pooled.to(device))
 
+    def strided(self, stride: int) -> "EncoderOutput":
+        """Average every ``stride`` consecutive tokens (over real ones): tokens (B, ceil(T / stride), D),
+        a window is real if any of its tokens is; ``pooled`` is unchanged."""
+        if stride == 1:
+            return self
+        b, t, d = self.tokens.shape
+        pad = -t % stride
+        w = nn.functional.pad(self.mask, (0, pad)).view(b, -1, stride).to(self.tokens.dtype)
+        x = nn.functional.pad(self.tokens * self.mask[..., None], (0, 0, 0, pad)).view(b, -1, stride, d).sum(2)
+        count = w.sum(2)
+        return EncoderOutput(x / count.clamp(min=1)[..., None], count > 0, self.pooled)
+
 
 class EncoderConfig(BaseModel):
     """Fields shared by every encoder; subclasses add a ``type`` Literal and their own fields."""
@@ -81,6 +93,12 @@ class FrozenEncoder(nn.Module):
     def content_key(self, item: Any) -> str:
         """Digest of an input's content (not its name): equal content -> equal features."""
         raise NotImplementedError
+
+    def length(self, prepared: Any) -> int:
+        """Size of one prepared input (frames, characters...) for encoders whose inputs vary in
+        size: the feature cache batches similar sizes together to save padding. Encoders of
+        fixed-size inputs keep this default."""
+        return 0
 
     def describe(self, item: Any) -> str:
         """How to name an input in messages and reports."""

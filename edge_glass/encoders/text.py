@@ -68,5 +68,8 @@ class SentenceTransformerEncoder(FrozenEncoder):
     def content_key(self, item: Any) -> str:
         return digest_bytes(str(item).encode("utf-8"))
 
+    def length(self, prepared: str) -> int:
+        return len(prepared)
+
     def describe(self, item: Any) -> str:
         return repr(item) if len(str(item)) < 80 else repr(str(item)[:77] + "...")

@@ -23,6 +23,9 @@ real audio (F / 2 of them), so ``pooled`` averages the clip, not 30 s of silence
 masked position, the silence positions are zeroed in ``tokens`` (FrozenEncoder's contract).
 
 Clips longer than ``max_seconds`` are cut to it (the fingerprint records the limit).
+``token_stride`` s > 1 averages every s consecutive positions into one token (T -> ceil(T / s);
+4 gives one token per 80 ms): the heads downstream, whose cost grows with T, run s times faster,
+and the feature cache is s times smaller. ``pooled`` is the mean over the clip either way.
 """
 from __future__ import annotations
 
@@ -83,6 +86,7 @@ class WhisperEncoderConfig(EncoderConfig):
     model: str = "whisper-tiny.en"
     variable_length: bool = Field(True, description="encode only the frames a clip needs (else pad to 30 s)")
     max_seconds: float = Field(30.0, gt=0, le=30.0, description="longer clips are cut to this")
+    token_stride: int = Field(1, ge=1, le=16, description="average this many 20 ms positions into one token (4: 80 ms)")
 
 
 @ENCODERS.register("whisper")
@@ -115,8 +119,9 @@ class WhisperAudioEncoder(FrozenEncoder):
         return weights_digest(self.cfg.model)
 
     def preprocessing(self) -> dict[str, Any]:
+        stride = {"token_stride": self.cfg.token_stride} if self.cfg.token_stride > 1 else {}  # absent = 1: older caches stay valid
         return {"sr": SAMPLE_RATE, "n_mels": self.whisper_config.num_mel_bins, "hop": HOP, "n_fft": N_FFT,
-                "variable_length": self.cfg.variable_length, "max_seconds": self.cfg.max_seconds}
+                "variable_length": self.cfg.variable_length, "max_seconds": self.cfg.max_seconds, **stride}
 
     # -- inputs ------------------------------------------------------------------------------
     def mel_filters(self) -> torch.Tensor:
@@ -142,6 +147,9 @@ class WhisperAudioEncoder(FrozenEncoder):
 
     def content_key(self, item: Any) -> str:
         return digest_bytes(audio_bytes(item))
+
+    def length(self, prepared: AudioFeatures) -> int:
+        return prepared.frames
 
     def describe(self, item: Any) -> str:
         return describe_audio(item)
@@ -176,4 +184,4 @@ class WhisperAudioEncoder(FrozenEncoder):
             x = x.masked_fill(~valid[..., None], 0.0)
         weights = valid.to(x.dtype)[..., None]
         pooled = (x * weights).sum(1) / weights.sum(1).clamp(min=1)
-        return EncoderOutput(x, valid, pooled)
+        return EncoderOutput(x, valid, pooled).strided(self.cfg.token_stride)

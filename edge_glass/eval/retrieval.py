@@ -7,6 +7,7 @@ similar texts. Ranks count strictly more similar items, so ties go to the query.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from ..data.pipeline import PairedData
 from ..models.alignment import AlignmentModel
@@ -32,53 +33,89 @@ def recall_at_k(queries: torch.Tensor, gallery: torch.Tensor, positives: torch.T
 
 @torch.no_grad()
 def embed_rows(model: AlignmentModel, data: PairedData, modality: str, rows: torch.Tensor, batch_size: int) -> dict[int, torch.Tensor]:
-    """Embeddings {dim: (len(rows), dim)} of the given rows of a modality's feature table."""
-    table = data.tables[modality]
+    """Embeddings {dim: (len(rows), dim)} of the given rows of a modality's feature table; for
+    the fused input ("image+audio") a row is ``row_a * FUSED_BASE + row_b`` (see fused_rows)."""
     parts: list[dict[int, torch.Tensor]] = []
     for s in range(0, len(rows), batch_size):
-        feats = table.batch(rows[s : s + batch_size])
-        parts.append(model.embed(modality, feats))
+        r = rows[s : s + batch_size]
+        if modality in model.fused:
+            a, b = model.fused[modality]
+            parts.append(model.embed_fused(data.tables[a].batch(r // FUSED_BASE), data.tables[b].batch(r % FUSED_BASE)))
+        else:
+            parts.append(model.embed(modality, data.tables[modality].batch(r)))
     return {d: torch.cat([p[d] for p in parts]) for d in parts[0]}
 
 
-@torch.no_grad()
-def evaluate_retrieval(model: AlignmentModel, data: PairedData, ks: list[int], batch_size: int = 512, pairs: list[tuple[str, str]] | None = None) -> dict:
-    """Recall@K for every modality pair present in ``data``, in both directions, at every dim.
+FUSED_BASE = 2**31  # fused row = row of a * FUSED_BASE + row of b (feature tables hold < 2^31 rows)
 
-    Result: {"text_to_image": {...}, "image_to_text": {...}, "dims": {"512": {...}, ...},
-             "n_images": ..., "n_texts": ...}; the top-level blocks are the largest dim.
+
+def fused_rows(rows_a: torch.Tensor, rows_b: torch.Tensor) -> torch.Tensor:
+    """(N,) rows of two modalities -> (N,) ids of the (a, b) combination, -1 where either is absent."""
+    return torch.where((rows_a >= 0) & (rows_b >= 0), rows_a * FUSED_BASE + rows_b, -1)
+
+
+def count_name(modality: str) -> str:
+    """n_images, n_texts, n_audio, n_image+audio."""
+    return f"n_{modality}" if modality == "audio" or "+" in modality else f"n_{modality}s"
+
+
+@torch.no_grad()
+def evaluate_retrieval(model: AlignmentModel, data: PairedData, ks: list[int], batch_size: int = 512,
+                       pairs: list[tuple[str, str]] | None = None, dims: list[int] | None = None) -> dict:
+    """Recall@K for every modality pair present in ``data``, in both directions, at every dim;
+    with a fusion head also for the fused input ("image+audio") against the other modalities.
+    ``dims`` (default: the model's) may include untrained sizes: the largest embedding's prefix,
+    renormalised.
+
+    Result: {"text_to_image": {...}, "image_to_text": {...}, "audio_to_text": {...}, ...,
+             "dims": {"512": {...}, ...}, "n_images": ..., "n_audio": ..., "n_texts": ...};
+    the top-level blocks are the largest evaluated dim; n_* count the distinct items of each modality that
+    take part in at least one evaluated pair.
     """
     was_training = model.training
     model.eval()
-    mods = [m for m in data.modalities if m in model.heads]
-    pairs = pairs or [(a, b) for i, a in enumerate(mods) for b in mods[i + 1 :]]
+    dims = sorted(dims or model.dims, reverse=True)
+    rows = {m: data.rows[m] for m in data.modalities if m in model.heads}
+    mods = list(rows)
+    default = [(a, b) for i, a in enumerate(mods) for b in mods[i + 1 :]]
+    for name, (a, b) in model.fused.items():
+        if a in rows and b in rows:
+            rows[name] = fused_rows(rows[a], rows[b])
+            default += [(name, m) for m in mods if m not in (a, b)]
+    pairs = [(a, b) for a, b in (pairs or default) if a in rows and b in rows]
     emb: dict[str, dict[int, torch.Tensor]] = {}
     uniq: dict[str, torch.Tensor] = {}
-    for m in mods:
-        rows = data.rows[m]
-        uniq[m] = torch.unique(rows[rows >= 0])
-        emb[m] = embed_rows(model, data, m, uniq[m], batch_size)
+    involved: dict[str, torch.Tensor] = {}
+    for m in dict.fromkeys(x for p in pairs for x in p):
+        uniq[m] = torch.unique(rows[m][rows[m] >= 0])
+        involved[m] = torch.zeros(len(uniq[m]), dtype=torch.bool)
+        if len(uniq[m]):
+            trained = embed_rows(model, data, m, uniq[m], batch_size)
+            emb[m] = {d: trained[d] if d in trained else F.normalize(trained[model.dims[0]][:, :d], dim=-1) for d in dims}
     result: dict = {"dims": {}}
     for a, b in pairs:
-        both = (data.rows[a] >= 0) & (data.rows[b] >= 0)
+        both = (rows[a] >= 0) & (rows[b] >= 0)
         if not both.any():
             continue
         # positives between distinct a-items and distinct b-items that co-occur in a sample
-        ia = torch.searchsorted(uniq[a], data.rows[a][both])
-        ib = torch.searchsorted(uniq[b], data.rows[b][both])
+        ia = torch.searchsorted(uniq[a], rows[a][both])
+        ib = torch.searchsorted(uniq[b], rows[b][both])
         qa, qb = torch.unique(ia), torch.unique(ib)  # items of each side that have a partner
+        involved[a][qa] = True
+        involved[b][qb] = True
         pos = torch.zeros(len(uniq[a]), len(uniq[b]), dtype=torch.bool)
         pos[ia, ib] = True
         pos = pos[qa][:, qb]
-        for d in model.dims:
+        for d in dims:
             ea, eb = emb[a][d][qa], emb[b][d][qb]
             block = result["dims"].setdefault(str(d), {})
             # text queries first for the image-text pair, as in the literature
             block[direction_name(b, a)] = recall_at_k(eb, ea, pos.t(), ks)
             block[direction_name(a, b)] = recall_at_k(ea, eb, pos, ks)
-        result[f"n_{a}s" if a != "audio" else "n_audio"] = len(qa)
-        result[f"n_{b}s" if b != "audio" else "n_audio"] = len(qb)
-    top = result["dims"].get(str(model.dims[0]), {})
+    for m, used in involved.items():
+        if used.any():
+            result[count_name(m)] = int(used.sum())
+    top = result["dims"].get(str(dims[0]), {})
     model.train(was_training)
     return {**top, **{k: v for k, v in result.items() if k != "dims"}, "dims": result["dims"]}
 

@@ -13,7 +13,7 @@ from pydantic import Field
 from torch import nn
 
 from ..encoders.base import EncoderOutput
-from .pooling import POOLERS, Pooler, PoolerConfig
+from .pooling import POOLERS, MeanSkip, Pooler, PoolerConfig
 
 
 class PerceiverConfig(PoolerConfig):
@@ -24,6 +24,7 @@ class PerceiverConfig(PoolerConfig):
     heads: int = Field(8, ge=1)
     ff_mult: int = Field(4, ge=1)
     dropout: float = Field(0.0, ge=0, lt=1)
+    residual: bool = Field(False, description="add a gated mean-pooling skip path (starts as the linear baseline)")
 
 
 class PerceiverLayer(nn.Module):
@@ -71,8 +72,10 @@ class PerceiverPooler(Pooler):
 
     def __init__(self, cfg: PerceiverConfig, in_dim: int):
         super().__init__()
-        self.out_dim = cfg.dim
+        self.out_dim, self.token_dropout = cfg.dim, cfg.token_dropout
         self.resampler = PerceiverResampler(in_dim, cfg.dim, cfg.latents, cfg.depth, cfg.heads, cfg.ff_mult, cfg.dropout)
+        self.residual = MeanSkip(in_dim, cfg.dim) if cfg.residual else None
 
-    def forward(self, x: EncoderOutput) -> torch.Tensor:
-        return self.resampler(x.tokens, x.mask).mean(1)
+    def pool(self, x: EncoderOutput) -> torch.Tensor:
+        out = self.resampler(x.tokens, x.mask).mean(1)
+        return self.residual(x, out) if self.residual is not None else out

@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..runs import tensors_for_saving
+
 
 def rng_state() -> dict[str, Any]:
     return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
@@ -40,8 +42,9 @@ class Checkpointer:
         self.dir = Path(run_dir) / "checkpoints"
         self.keep, self.rank, self.barrier = keep, rank, barrier
 
-    def save(self, step: int, model: torch.nn.Module, optimizer, scheduler, state: dict[str, Any]) -> Path:
-        """Every process calls this; rank 0 writes the shared parts and publishes."""
+    def save(self, step: int, weights: dict[str, torch.Tensor], optimizer, scheduler, state: dict[str, Any]) -> Path:
+        """Every process calls this; rank 0 writes the shared parts and publishes. ``weights``:
+        the model state to keep (frozen parts that are reloaded from their source may be left out)."""
         final = self.dir / f"step-{step:08d}"
         tmp = self.dir / f".tmp-step-{step:08d}"
         if self.rank == 0:
@@ -50,7 +53,7 @@ class Checkpointer:
         self.barrier()
         torch.save(rng_state(), tmp / f"rng-{self.rank}.pt")
         if self.rank == 0:
-            save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
+            save_file(tensors_for_saving(weights), str(tmp / "model.safetensors"))
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
             torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
             (tmp / "state.json").write_text(json.dumps({**state, "step": step}))
@@ -74,7 +77,10 @@ class Checkpointer:
         return done[-1] if done else None
 
     def load(self, path: Path, model: torch.nn.Module, optimizer, scheduler) -> dict[str, Any]:
-        model.load_state_dict(load_file(str(path / "model.safetensors")))
+        missing, unexpected = model.load_state_dict(load_file(str(path / "model.safetensors")), strict=False)
+        frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+        if unexpected or set(missing) - frozen - {n for n, _ in model.named_buffers()}:
+            raise RuntimeError(f"{path}: checkpoint does not fit the model (missing {sorted(set(missing) - frozen)[:5]}, unexpected {unexpected[:5]})")
         optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
         scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
         rng_file = path / f"rng-{self.rank}.pt"

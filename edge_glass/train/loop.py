@@ -8,7 +8,6 @@ killed-and-resumed run ends with the same metrics as an uninterrupted one.
 """
 from __future__ import annotations
 
-import math
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -17,31 +16,26 @@ from typing import Any
 import torch
 
 from ..config import dump_config
-from ..data.pipeline import Batch, PairedData
 from ..data.samples import DataReport
-from ..encoders import build_encoders
 from ..errors import EdgeGlassError
-from ..eval.retrieval import evaluate_retrieval, format_table
-from ..losses import gather, matryoshka_info_nce
-from ..models.alignment import AlignmentModel, pair_name
 from ..runs import RunDir, slug
+from ..tasks import Task, task_for
 from .checkpoint import Checkpointer
-from .data import load_splits
 from .logging import MetricsLogger
 
 
-def make_accelerator(tcfg, modalities: int):
+def make_accelerator(tcfg, find_unused_parameters: bool):
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
 
     cpu = tcfg.device == "cpu" or (tcfg.device == "auto" and not torch.cuda.is_available())
-    # with 3+ modalities a batch may lack one, leaving its head without gradients this step
-    ddp = DistributedDataParallelKwargs(find_unused_parameters=modalities > 2)
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)
     return Accelerator(cpu=cpu, mixed_precision=tcfg.mixed_precision, kwargs_handlers=[ddp])
 
 
-def epoch_order(data: PairedData, epoch: int, seed: int, mode: str) -> torch.Tensor:
-    """Sample indices of one epoch: a permutation seeded by (seed, epoch)."""
+def epoch_order(data: Any, epoch: int, seed: int, mode: str, rates: torch.Tensor | None = None) -> torch.Tensor:
+    """Sample indices of one epoch: a permutation seeded by (seed, epoch). ``rates`` (N,) scale
+    how often each sample comes up per epoch (see resample)."""
     g = torch.Generator().manual_seed(seed * 100_003 + epoch)
     if mode == "one_per_group":
         groups = data.group_ids()
@@ -51,48 +45,22 @@ def epoch_order(data: PairedData, epoch: int, seed: int, mode: str) -> torch.Ten
             if grp not in best or r < best[grp][0]:
                 best[grp] = (r, i)
         idx = torch.tensor(sorted(i for _, i in best.values()))
-        return idx[torch.randperm(len(idx), generator=g)]
-    return torch.randperm(len(data), generator=g)
+    else:
+        idx = torch.arange(len(data))
+    if rates is not None:
+        idx = resample(idx, rates[idx], g)
+    return idx[torch.randperm(len(idx), generator=g)]
 
 
-def dim_weights(cfg, step: int) -> dict[int, float]:
-    """MRL weights of this step: all dims, or one dim drawn (same on every process)."""
-    dims = cfg.model.dims
-    w = cfg.loss.mrl.weights or [1.0] * len(dims)
-    if not cfg.loss.mrl.sample_one_dim:
-        return dict(zip(dims, w))
-    g = torch.Generator().manual_seed(cfg.seed * 7919 + step)
-    pick = int(torch.multinomial(torch.tensor(w, dtype=torch.float), 1, generator=g))
-    return {d: (1.0 if i == pick else 0.0) for i, d in enumerate(dims)}
-
-
-def contrastive_loss(model, core: AlignmentModel, batch: Batch, weights: dict[int, float], pair_weights: dict[str, float]) -> torch.Tensor:
-    """Sum over modality pairs of the Matryoshka InfoNCE, on embeddings gathered from all processes."""
-    emb, scales = model(batch.features)
-    n = next(iter(batch.present.values())).shape[0]
-    full: dict[str, dict[int, torch.Tensor]] = {}
-    present: dict[str, torch.Tensor] = {}
-    keys: dict[str, torch.Tensor] = {}
-    for m in core.modalities:  # every process gathers every modality, present or not
-        has = batch.present.get(m, torch.zeros(n, dtype=torch.bool))
-        present[m] = gather(has.to(torch.uint8)).bool()
-        keys[m] = gather(batch.keys.get(m, torch.full((n,), -1, dtype=torch.long)))
-        full[m] = {}
-        for d in core.dims:
-            z = torch.zeros(n, d, device=has.device)
-            if m in emb:
-                z = z.index_put((has.nonzero().squeeze(1),), emb[m][d])
-            full[m][d] = gather(z)
-    total = torch.zeros((), device=next(core.parameters()).device)
-    for a, b in core.pairs:
-        both = present[a] & present[b]
-        if int(both.sum()) < 2:
-            continue
-        ea = {d: t[both] for d, t in full[a].items()}
-        eb = {d: t[both] for d, t in full[b].items()}
-        loss = matryoshka_info_nce(ea, eb, scales[pair_name(a, b)], keys[a][both], keys[b][both], weights)
-        total = total + pair_weights.get(f"{a}-{b}", 1.0) * loss
-    return total
+def resample(idx: torch.Tensor, rates: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Each set of samples sharing a rate r (a dataset's ``data.weights``) appears floor(r)
+    times, plus a fresh seeded subset of round(frac(r) * size): a fixed epoch length."""
+    parts = []
+    for r in torch.unique(rates).tolist():
+        members = idx[rates == r]
+        extra = round((r - int(r)) * len(members))
+        parts += [members] * int(r) + [members[torch.randperm(len(members), generator=g)[:extra]]]
+    return torch.cat(parts)
 
 
 def lr_schedule(optimizer, tcfg, total_steps: int):
@@ -129,10 +97,11 @@ def _prepare_run_dir(run: RunDir, cfg, resume: bool) -> None:
 
 
 def train(cfg, out_dir: str | Path, resume: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Train an alignment experiment into ``out_dir``; returns the test-split metrics."""
+    """Train an experiment (any task) into ``out_dir``; returns the test-split metrics."""
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    acc = make_accelerator(cfg.train, len(cfg.encoders))
+    task: Task = task_for(cfg)
+    acc = make_accelerator(cfg.train, task.find_unused_parameters)
     rank, world, main = acc.process_index, acc.num_processes, acc.is_main_process
     tcfg = cfg.train
     if tcfg.batch_size % world:
@@ -144,64 +113,59 @@ def train(cfg, out_dir: str | Path, resume: bool = False, progress: bool = True)
     from accelerate.utils import set_seed
 
     t_start = time.time()
-
-    encoders = build_encoders(cfg.encoders)
     report = DataReport()
     with acc.main_process_first():  # the main process fills the feature cache, the others read it
-        splits, split_record = load_splits(cfg, encoders, report, progress=progress and main)
+        splits = task.load(report, progress=progress and main)
     if main:
         report.write(run.file("data_report.json"))
-        run.write_json("split.json", split_record)
-        run.write_json("encoders.json", {m: e.fingerprint() for m, e in encoders.items()})
-        print(report.summary() + f"; train {len(splits['train'])}, val {len(splits['val'])}, test {len(splits['test'])} pairs")
+        for name, record in task.records.items():
+            run.write_json(name, record)
+        print(report.summary() + f"; train {len(splits['train'])}, val {len(splits['val'])}, test {len(splits['test'])} samples")
     t_data = time.time() - t_start
 
     train_data = splits["train"]
-    set_seed(cfg.seed)  # after data: loading a backbone (cache miss or not) must not change the heads' init
-    core = AlignmentModel(cfg.model, cfg.loss, {m: e.token_dim for m, e in encoders.items()})
+    set_seed(cfg.seed)  # after data: loading a backbone (cache miss or not) must not change the init
+    core = task.build()
     optimizer = torch.optim.AdamW(param_groups(core, tcfg.weight_decay), lr=tcfg.lr, betas=tcfg.betas)
     per_step = tcfg.batch_size * tcfg.grad_accum
-    steps_per_epoch = len(epoch_order(train_data, 0, cfg.seed, cfg.data.pairs_per_epoch)) // per_step
+    mode, rates = task.sampling(train_data)
+    steps_per_epoch = len(epoch_order(train_data, 0, cfg.seed, mode, rates)) // per_step
     if steps_per_epoch == 0:
-        raise EdgeGlassError(f"train.batch_size x grad_accum = {per_step} exceeds the {len(train_data)} training pairs")
+        raise EdgeGlassError(f"train.batch_size x grad_accum = {per_step} exceeds the {len(train_data)} training samples")
     total_steps = tcfg.epochs * steps_per_epoch
     scheduler = lr_schedule(optimizer, tcfg, total_steps)
     model, optimizer = acc.prepare(core, optimizer)
     ckpt = Checkpointer(run.path, tcfg.keep_checkpoints, rank, acc.wait_for_everyone)
 
-    start, running, since_log = 0, 0.0, 0
+    start, running, since_log, best = 0, 0.0, 0, (float("-inf"), 0)  # best = (validation score, step)
     if resume and (latest := ckpt.latest()) is not None:
         state = ckpt.load(latest, core, optimizer, scheduler)
         start, running, since_log = state["step"], state["running_loss"], state["steps_since_log"]
+        best = (state["best_score"], state["best_step"])
         if main:
             print(f"resuming from {latest} (step {start}/{total_steps})")
     logger = MetricsLogger(run.path, main, resume_step=start if resume else None)
     local = tcfg.batch_size // world
     eval_every = tcfg.eval_every or steps_per_epoch
-    device = acc.device
-
-    def to_device(batch: Batch) -> Batch:
-        if device.type == "cpu":
-            return batch
-        return Batch({k: v.to(device) for k, v in batch.present.items()}, {k: v.to(device) for k, v in batch.features.items()}, {k: v.to(device) for k, v in batch.keys.items()})
+    val_limit = getattr(cfg.eval, "val_limit", None)
 
     from tqdm.auto import tqdm
 
     bar = tqdm(total=total_steps, initial=start, desc="train", unit="step", disable=not (progress and main))
     order, order_epoch = None, -1
-    t_steps = time.time()
+    t_steps = t_loop = time.time()
     model.train()
     for step in range(start, total_steps):
         epoch, in_epoch = divmod(step, steps_per_epoch)
         if epoch != order_epoch:
-            order, order_epoch = epoch_order(train_data, epoch, cfg.seed, cfg.data.pairs_per_epoch), epoch
-        weights = dim_weights(cfg, step)
+            order, order_epoch = epoch_order(train_data, epoch, cfg.seed, mode, rates), epoch
+        extra: dict[str, float] = {}
         for micro in range(tcfg.grad_accum):
             first = (in_epoch * tcfg.grad_accum + micro) * tcfg.batch_size
             idx = order[first + rank * local : first + (rank + 1) * local]
             sync = nullcontext() if micro == tcfg.grad_accum - 1 else acc.no_sync(model)
             with sync, acc.autocast():
-                loss = contrastive_loss(model, core, to_device(train_data.batch(idx)), weights, cfg.loss.pair_weights)
+                loss, extra = task.loss(model, core, train_data.batch(idx), step)
                 acc.backward(loss / tcfg.grad_accum)
             running += loss.item() / tcfg.grad_accum
         since_log += 1
@@ -209,13 +173,12 @@ def train(cfg, out_dir: str | Path, resume: bool = False, progress: bool = True)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        core.clamp_scales()
+        logged = task.after_step(core)
         done = step + 1
         bar.update(1)
         if done % tcfg.log_every == 0 or done == total_steps:
             n = since_log
-            temps = {k: round(1.0 / float(v.detach().exp()), 5) for k, v in core.logit_scales.items()}
-            values = {"loss": running / n, "lr": scheduler.get_last_lr()[0], "epoch": epoch, "temperature": temps,
+            values = {"loss": running / n, "lr": scheduler.get_last_lr()[0], "epoch": epoch, **logged, **extra,
                       "sec_per_step": (time.time() - t_steps) / n}
             if grad_norm is not None:
                 values["grad_norm"] = float(grad_norm)
@@ -224,26 +187,45 @@ def train(cfg, out_dir: str | Path, resume: bool = False, progress: bool = True)
             running, since_log, t_steps = 0.0, 0, time.time()
         if done % eval_every == 0 or done == total_steps:
             if main and len(splits["val"]):
-                logger.log(done, "val", evaluate_retrieval(core, splits["val"], cfg.eval.ks, cfg.eval.batch_size))
+                val = task.evaluate(core, splits["val"], val_limit)
+                val.pop("predictions", None)
+                score = task.score(val)
+                if score > best[0]:
+                    best = (score, done)
+                    run.save_weights(task.state_to_save(core), "best.safetensors")
+                logger.log(done, "val", {**val, "score": score})
             acc.wait_for_everyone()
         if done % tcfg.checkpoint_every == 0 or done == total_steps:
-            ckpt.save(done, core, optimizer, scheduler, {"epoch": epoch, "batch_in_epoch": in_epoch + 1, "total_steps": total_steps,
-                                                         "running_loss": running, "steps_since_log": since_log})
+            ckpt.save(done, task.state_to_save(core), optimizer, scheduler, {"epoch": epoch, "batch_in_epoch": in_epoch + 1, "total_steps": total_steps,
+                                                         "running_loss": running, "steps_since_log": since_log,
+                                                         "best_score": best[0], "best_step": best[1]})
     bar.close()
+    t_train = time.time() - t_loop
 
     result: dict[str, Any] = {}
     if main:
-        run.save_weights(core.state_dict())
-        result = evaluate_retrieval(core, splits["test"], cfg.eval.ks, cfg.eval.batch_size) if len(splits["test"]) else {}
-        run.write_json("eval.json", result)
-        print(format_table(result, f"test split of {', '.join(cfg.data.train)}"))
+        if tcfg.select == "best" and best[1]:
+            core.load_state_dict(run.load_weights("best.safetensors"), strict=False)
+            print(f"selected the weights of step {best[1]} (best validation score {best[0]:.2f})")
+        run.save_weights(task.state_to_save(core))
+        task.save_files(run)
         for name, data in splits.items():
-            if name.startswith("eval:"):
-                extra = evaluate_retrieval(core, data, cfg.eval.ks, cfg.eval.batch_size)
-                run.write_json(f"eval_{slug(name[5:])}.json", extra)
-                print(format_table(extra, f"held-out dataset {name[5:]}"))
+            held_out = name == "test" or name.startswith("eval:")
+            if not held_out or not len(data):
+                continue
+            out = task.evaluate(core, data)
+            predictions = out.pop("predictions", None)
+            stem = "eval" if name == "test" else f"eval_{slug(name[5:])}"
+            run.write_json(f"{stem}.json", out)
+            if predictions is not None:
+                run.write_json(f"{stem}_predictions.json", predictions)
+            print(task.table({**out, "predictions": predictions or []}, f"test split of {', '.join(cfg.data.train)}" if name == "test" else f"held-out dataset {name[5:]}"))
+            if name == "test":
+                result = out
         summary = {"steps": total_steps, "steps_per_epoch": steps_per_epoch, "processes": world,
-                   "data_seconds": round(t_data, 2), "total_seconds": round(time.time() - t_start, 2)}
+                   "selected_step": best[1] if tcfg.select == "best" and best[1] else total_steps,
+                   "data_seconds": round(t_data, 2), "train_seconds": round(t_train, 2),
+                   "total_seconds": round(time.time() - t_start, 2)}
         run.write_json("summary.json", summary)
         logger.log(total_steps, "test", result)
     logger.close()

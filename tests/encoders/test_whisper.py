@@ -169,3 +169,16 @@ def test_content_key_follows_the_bytes_not_the_name(encoder, tmp_path, clips):
     assert encoder.content_key(a) == encoder.content_key(b) == encoder.content_key(clips[0])
     assert encoder.content_key(clips[1]) != encoder.content_key(clips[0])
     assert encoder.describe(clips[0]).startswith("<audio bytes")
+
+
+def test_token_stride_averages_positions_and_keeps_the_pooled_vector(encoder, clips):
+    strided = make(token_stride=4).ensure_loaded()
+    one, four = encoder.encode(list(clips)), strided.encode(list(clips))
+    for i in range(2):
+        n = int(one.mask[i].sum())
+        assert int(four.mask[i].sum()) == -(-n // 4)
+        torch.testing.assert_close(four.tokens[i, 1], one.tokens[i, 4:8].mean(0), atol=1e-4, rtol=1e-4)
+        last = (n - 1) // 4  # the last window averages only the clip's own positions
+        torch.testing.assert_close(four.tokens[i, last], one.tokens[i, 4 * last : n].mean(0), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(four.pooled, one.pooled, atol=1e-4, rtol=1e-4)
+    assert strided.cache_id() != encoder.cache_id() and "token_stride" not in encoder.preprocessing()

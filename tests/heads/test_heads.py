@@ -56,3 +56,25 @@ def test_matryoshka_embeddings_are_unit_norm_nested_prefixes():
 def test_bad_head_width_is_a_clear_error():
     with pytest.raises(ValueError, match="not divisible"):
         POOLERS.get("attention")(POOLERS.get("attention").Config(dim=30, heads=4), 8)
+
+
+def test_token_dropout_acts_only_in_training_and_keeps_a_token():
+    pooler_cls = POOLERS.get("mean")
+    pooler = pooler_cls(pooler_cls.Config(token_dropout=0.5), 16)
+    x = ragged_batch()
+    pooler.eval()
+    torch.testing.assert_close(pooler(x), pooler.pool(x))
+    pooler.train()
+    torch.manual_seed(0)
+    out = pooler(x)
+    assert torch.isfinite(out).all() and not torch.allclose(out, pooler.pool(x))
+
+
+@pytest.mark.parametrize("cfg", [{"type": "attention", "dim": 32, "heads": 4}, {"type": "perceiver", "dim": 32, "latents": 4, "depth": 1, "heads": 4}])
+def test_residual_poolers_start_as_a_linear_map_of_the_mean(cfg):
+    pooler_cls = POOLERS.get(cfg["type"])
+    pooler = pooler_cls(pooler_cls.Config(**cfg, residual=True), 16).eval()
+    x = ragged_batch()
+    from edge_glass.heads.pooling import masked_mean
+
+    torch.testing.assert_close(pooler(x), pooler.residual.skip(masked_mean(x.tokens, x.mask)))

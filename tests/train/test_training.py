@@ -216,3 +216,12 @@ def test_training_from_the_cache_equals_training_on_live_encoding(coco_subset, t
 
     assert len(losses(tmp_path / "live")) == 11
     assert losses(tmp_path / "live") == pytest.approx(losses(tmp_path / "cached"), rel=1e-4)
+
+
+def test_gradient_accumulation_takes_one_optimizer_step_per_accumulated_batch(coco_subset, tmp_path):
+    cfg = write_config(tmp_path / "c.yaml", coco_subset, epochs=2, grad_accum=2, batch_size=8, select="best")
+    run("train", str(cfg), "--out", str(tmp_path / "acc"), "--no-progress")
+    summary = json.loads((tmp_path / "acc" / "summary.json").read_text())
+    assert summary["steps_per_epoch"] == 180 // 16 and summary["steps"] == 2 * (180 // 16)
+    assert (tmp_path / "acc" / "best.safetensors").is_file()
+    assert 0 < summary["selected_step"] <= summary["steps"]
