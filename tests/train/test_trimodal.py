@@ -3,9 +3,7 @@ prompts (audio-text, with broken files mixed in) and FSDD digits (audio-text, of
 takes), a concat fusion of image + audio; then evaluation on FSDD and on an mp3 manifest."""
 from __future__ import annotations
 
-import io
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
