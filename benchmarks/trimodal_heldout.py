@@ -6,7 +6,11 @@ training never used (edge_glass.data.speech.HELDOUT_POOL). Prints the eval comma
     edge-glass eval runs/trimodal --data jsonl:runs/trimodal_heldout/manifest.jsonl
 
 The run must have trained on ``spoken:coco:DIR`` or ``coco:DIR`` (its split.json names the test
-images); ``--dataset`` picks which when it trained on several.
+images); ``--dataset`` picks which when it trained on several. A dataset that already has audio
+(``--dataset jsonl:asterisk/transcripts.jsonl``) is written as it is: the run's held-out clips of
+that dataset alone, with their own recordings.
+
+    python benchmarks/trimodal_heldout.py runs/trimodal --dataset jsonl:asterisk/transcripts.jsonl --out runs/asterisk_test
 """
 from __future__ import annotations
 
@@ -32,6 +36,16 @@ def main() -> None:
     if spec is None:
         raise SystemExit(f"{args.run_dir} did not train on a coco: or spoken:coco: dataset; pass --dataset")
     images = set(split[spec]["test"])
+    if not spec.startswith("spoken:") and any(s.audio is not None for s in read_dataset(spec)):
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        rows = [{k: str(Path(v).resolve()) if k in ("image", "audio") else v
+                 for k, v in (("image", s.image), ("audio", s.audio), ("text", s.text)) if v is not None}
+                for s in read_dataset(spec) if s.group in images]
+        (out / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        print(f"{len(images)} held-out groups of {spec}, {len(rows)} samples -> {out / 'manifest.jsonl'}")
+        print(f"edge-glass eval {args.run_dir} --data jsonl:{out / 'manifest.jsonl'}")
+        return
     samples = [s for s in read_dataset(spec.removeprefix("spoken:")) if s.group in images]
     start = time.time()
     spoken = speak_samples(samples, Path(args.out), HELDOUT_POOL, args.format)

@@ -155,7 +155,9 @@ class VQATask(Task):
         if limit is not None and len(data) > limit:
             data = data.select(list(range(limit)))
         e = self.cfg.eval
-        return qa_results(core, data, e.batch_size, e.max_new_tokens, e.samples, self.majority)
+        result = qa_results(core, data, e.batch_size, e.max_new_tokens, e.samples, self.majority)
+        result["trainable_parameters"] = sum(p.numel() for p in core.parameters() if p.requires_grad)
+        return result
 
     def score(self, result: dict[str, Any]) -> float:
         return result["exact_match"] + result["f1"]
