@@ -10,7 +10,7 @@ for alignment; a QAData batch is the image features plus the questions and answe
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -20,6 +20,7 @@ from ..errors import DataError
 from .formats import read_dataset
 from .pipeline import build_paired_data
 from .samples import DataReport, Sample
+from .split import sample_splits
 from .vqa import QASample, captions_as_qa, read_easy_vqa, read_qa_jsonl
 
 SPLIT_NAMES = {"train": None, "dev": "val", "val": "val", "validation": "val", "test": "test"}
@@ -73,6 +74,22 @@ class QAData:
 def as_sample(qa: QASample) -> Sample:
     """The alignment pipeline's view of a QA sample: its image, grouped by image, with its split."""
     return Sample(group=qa.image, source=qa.source, image=qa.image, split=SPLIT_NAMES.get(qa.split))
+
+
+def split_group(qa: QASample) -> str:
+    """The unit a QA split keeps together: the image, so that no image of a hashed split is in two
+    splits. A split the dataset gives is honoured per question instead: VQA datasets split their
+    questions, and the same photo may carry train and test questions (coco1k vqa_yesno does)."""
+    split = SPLIT_NAMES.get(qa.split, qa.split) if qa.split else None
+    return qa.image if split is None else f"{qa.image}|{split}"
+
+
+def qa_splits(samples: list[QASample], val: float, test: float, seed: int) -> list[str]:
+    """The split ("train", "val" or "test") of every sample: given splits as they are, the rest
+    hashed by image (split.sample_splits)."""
+    groups = sample_splits([replace(as_sample(s), group=split_group(s)) for s in samples], val, test, seed)
+    where = {g: name for name, members in groups.items() for g in members}
+    return [where[split_group(s)] for s in samples]
 
 
 def build_qa_data(samples: list[QASample], encoder: FrozenEncoder, report: DataReport, cache_dir: Path | None,

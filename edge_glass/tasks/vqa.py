@@ -15,8 +15,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from ..data.qa import QAData, as_sample, build_qa_data, read_qa
-from ..data.split import sample_splits
+from ..data.qa import SPLIT_NAMES, QAData, build_qa_data, qa_splits, read_qa, split_group
 from ..decoders import DECODERS
 from ..decoders.fusion import DECODER_FUSIONS
 from ..data.vqa import DESCRIBE, QASample
@@ -126,15 +125,14 @@ class VQATask(Task):
             return data.select([i for i, s in enumerate(data.samples) if id(s) in ids])
 
         train_part = part(samples)
-        groups = sample_splits([as_sample(s) for s in train_part.samples], cfg.data.val, cfg.data.test, cfg.data.seed)
-        where = {g: name for name, members in groups.items() for g in members}
-        out = {name: train_part.select([i for i, s in enumerate(train_part.samples) if where[s.image] == name]) for name in ("train", "val", "test")}
+        where = qa_splits(train_part.samples, cfg.data.val, cfg.data.test, cfg.data.seed)
+        out = {name: train_part.select([i for i, w in enumerate(where) if w == name]) for name in ("train", "val", "test")}
         out.update({f"eval:{spec}": part(members) for spec, members in extra.items()})
         answers = Counter(s.answer for s in out["train"].samples)
         self.majority = answers.most_common(1)[0][0] if answers else None
         if cfg.decoder.type in WORD_DECODERS:
             self.tokenizer = WordTokenizer.build(t for s in out["train"].samples for t in (s.question, s.answer))
-        self.records = {"split.json": {name: sorted({s.image for s in d.samples}) for name, d in out.items() if name in ("val", "test")},
+        self.records = {"split.json": {name: sorted({split_group(s) for s in d.samples}) for name, d in out.items() if name in ("val", "test")},
                         "encoders.json": {"image": encoder.fingerprint()}, "qa.json": {"majority_answer": self.majority}}
         for name, d in out.items():
             report.kept[name] += len(d)
@@ -206,13 +204,16 @@ def load_vlm(run: RunDir) -> VisionLanguageModel:
 
 
 def evaluate_vlm(model: VisionLanguageModel, spec: str | None, report, progress: bool = True) -> dict[str, Any]:
-    """EM / F1 on a QA spec, or on the run's own test images (split.json) without one."""
+    """EM / F1 on a QA spec (its own test split when it names one), or on the run's own test split
+    (split.json) without one."""
     cfg = model.cfg
-    if spec:
+    if spec:  # a dataset that names its test split is evaluated on that split only, as for retrieval
         samples = read_qa(spec, report)
+        test = [s for s in samples if SPLIT_NAMES.get(s.split or "") == "test"]
+        samples = test or samples
     else:
         test = set(RunDir(model.run_dir).read_json("split.json").get("test", []))
-        samples = [s for sp in cfg.data.train for s in first_per_split(read_qa(sp, report), cfg.data.max_samples) if s.image in test]
+        samples = [s for sp in cfg.data.train for s in first_per_split(read_qa(sp, report), cfg.data.max_samples) if split_group(s) in test]
         if not samples:
             raise EdgeGlassError(f"{model.run_dir}: its test split is empty; pass --data")
     data = build_qa_data(samples, model.encoder, report, feature_cache_dir(cfg), cfg.cache.dtype, progress)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ from edge_glass.data.vqa import (
     DESCRIBE, QASample, captions_as_qa, easy_vqa_answers, easy_vqa_dir, read_coco_captions_qa, read_easy_vqa,
     read_qa_jsonl,
 )
+from edge_glass.data.qa import qa_splits
 from edge_glass.errors import DataError
 from edge_glass.paths import data_root
 
@@ -74,6 +76,17 @@ def test_coco1k_yesno_jsonl_resolves_images_and_keeps_splits(coco1k):
     assert samples[0].source == "vqa_yesno.jsonl:1"
     assert len(read_qa_jsonl(coco1k / "vqa_yesno.jsonl", split="dev")[0]) == 260
     assert len(read_qa_jsonl("coco1k/vqa_yesno.jsonl")[0]) == 1464  # relative to the data root
+
+
+def test_given_splits_are_kept_per_question_and_hashed_splits_never_share_an_image(coco1k):
+    samples, _ = read_qa_jsonl(coco1k / "vqa_yesno.jsonl")
+    # vqa_yesno splits questions: some photos carry train and test questions; the split is honoured
+    assert Counter(qa_splits(samples, 20, 40, seed=0)) == {"train": 964, "val": 260, "test": 240}
+    unsplit = [replace(s, split=None) for s in samples]
+    where = qa_splits(unsplit, 20, 40, seed=0)
+    images = {name: {s.image for s, w in zip(unsplit, where) if w == name} for name in ("train", "val", "test")}
+    assert (len(images["val"]), len(images["test"])) == (20, 40)
+    assert not (images["train"] & images["val"] or images["train"] & images["test"] or images["val"] & images["test"])
 
 
 def test_jsonl_bad_rows_are_skipped_and_counted(tmp_path, coco1k):
