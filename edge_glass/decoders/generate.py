@@ -7,6 +7,7 @@ given for the text only, aligned with ``input_ids`` (-100 where no loss); the de
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import Any, NamedTuple, Sequence
 
 import torch
@@ -84,22 +85,23 @@ def greedy_generate(decoder: "Decoder", prefix: torch.Tensor, input_ids: torch.T
     return torch.stack(out, dim=1)
 
 
-class Decoder(nn.Module):
+class Decoder(nn.Module, ABC):
     """Base class of all decoders. Subclasses set ``d_model`` (the prefix width the projector must
     produce) and ``prompt`` (their PromptFormat), and implement ``forward`` and ``next_token_logits``."""
 
     d_model: int
     prompt: PromptFormat
 
+    @abstractmethod
     def forward(self, prefix: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, prefix_mask: torch.Tensor | None = None,
                 return_logits: bool = True) -> DecoderOutput:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def next_token_logits(self, prefix: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                           prefix_mask: torch.Tensor | None, state: Any) -> tuple[torch.Tensor, Any]:
         """Logits (B, V) of the token after the whole sequence, and a state for the next call."""
-        raise NotImplementedError
 
     def generate(self, prefix: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                  max_new_tokens: int = 16, eos_id: int | None = None, prefix_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -121,13 +123,13 @@ class Decoder(nn.Module):
                             max_new_tokens=max_new_tokens, prefix_mask=prefix_mask)
         return [self.prompt.decode(row.tolist()) for row in ids]
 
+    @abstractmethod
     def token_embedding(self) -> nn.Module:
         """The module that turns input ids into (B, L, d_model) embeddings (fusions hook it)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def blocks(self) -> list[nn.Module]:
         """The transformer blocks whose outputs are hidden states (fusions hook them)."""
-        raise NotImplementedError
 
     def num_parameters(self, trainable_only: bool = True) -> int:
         """Parameter count (shared/tied tensors counted once)."""

@@ -21,6 +21,7 @@ which generation stops at. Formats:
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 import json
 import os
 import re
@@ -43,22 +44,23 @@ class Encoded:
     prompt_len: int
 
 
-class PromptFormat:
+class PromptFormat(ABC):
     """Base class: subclasses implement ``prompt_ids``, ``answer_ids`` and ``decode``."""
 
     eos_id: int  # the token that ends an answer; generation stops there
     pad_id: int
 
+    @abstractmethod
     def prompt_ids(self, question: str) -> list[int]:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def answer_ids(self, answer: str) -> list[int]:
         """Token ids of the answer, ending with ``eos_id``."""
-        raise NotImplementedError
 
+    @abstractmethod
     def decode(self, ids: Sequence[int]) -> str:
         """Generated ids -> answer text (stops at ``eos_id``, drops special tokens, strips)."""
-        raise NotImplementedError
 
     def encode(self, question: str, answer: str) -> Encoded:
         prompt, ans = self.prompt_ids(question), self.answer_ids(answer)

@@ -10,6 +10,7 @@ version) and keys the feature cache.
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 import hashlib
 import json
 from typing import Any, ClassVar, Iterable, NamedTuple
@@ -54,7 +55,7 @@ class EncoderConfig(BaseModel):
     autocast: str = Field("fp32", pattern="^(fp32|bf16)$", description="bf16 autocast while encoding")
 
 
-class FrozenEncoder(nn.Module):
+class FrozenEncoder(nn.Module, ABC):
     """A pretrained backbone with frozen weights; subclasses implement the five hooks below."""
 
     modality: ClassVar[str]
@@ -68,31 +69,33 @@ class FrozenEncoder(nn.Module):
 
     # -- hooks ------------------------------------------------------------------------------
     @property
+    @abstractmethod
     def token_dim(self) -> int:
         """D of the token sequence (known without loading weights)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def weights_id(self) -> str:
         """Digest of the weight files (see resolve.content_digest)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def build(self) -> None:
         """Load the backbone weights into submodules (called once, lazily)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def prepare(self, item: Any) -> Any:
         """Decode and preprocess one input; raise InputError if it cannot be used."""
-        raise NotImplementedError
 
+    @abstractmethod
     def collate(self, prepared: list[Any]) -> Any:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def encode_batch(self, batch: Any) -> EncoderOutput:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def content_key(self, item: Any) -> str:
         """Digest of an input's content (not its name): equal content -> equal features."""
-        raise NotImplementedError
 
     def length(self, prepared: Any) -> int:
         """Size of one prepared input (frames, characters...) for encoders whose inputs vary in

@@ -1,6 +1,7 @@
 """Shared machinery of image encoders: decoding, content keys, batching of (3, S, S) tensors."""
 from __future__ import annotations
 
+from abc import abstractmethod
 from typing import Any, Literal
 
 import torch
@@ -20,11 +21,13 @@ class ImageEncoder(FrozenEncoder):
     cfg: ImageEncoderConfig
 
     # subclasses provide the resolution and normalisation
+    @abstractmethod
     def input_size(self) -> int:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def normalisation(self) -> tuple[list[float], list[float]]:
-        raise NotImplementedError
+        ...
 
     def preprocessing(self) -> dict[str, Any]:
         mean, std = self.normalisation()

@@ -14,6 +14,7 @@ gated            masked means of each, mixed per feature by a learned sigmoid ga
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import ClassVar, Literal
 
 import torch
@@ -48,7 +49,7 @@ class FusionConfig(BaseModel):
         return "+".join(self.inputs)
 
 
-class Fusion(nn.Module):
+class Fusion(nn.Module, ABC):
     Config: ClassVar[type[FusionConfig]]
     out_dim: int
 
@@ -58,8 +59,9 @@ class Fusion(nn.Module):
         self.proj_a = nn.Sequential(nn.LayerNorm(in_dims[0]), nn.Linear(in_dims[0], cfg.dim))
         self.proj_b = nn.Sequential(nn.LayerNorm(in_dims[1]), nn.Linear(in_dims[1], cfg.dim))
 
+    @abstractmethod
     def forward(self, a: EncoderOutput, b: EncoderOutput) -> torch.Tensor:  # (B, out_dim)
-        raise NotImplementedError
+        ...
 
 
 class ConcatConfig(FusionConfig):

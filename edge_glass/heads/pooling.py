@@ -8,6 +8,7 @@ perceiver  see perceiver.py: latents cross-attend to the tokens, then averaged
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import ClassVar, Literal
 
 import torch
@@ -25,7 +26,7 @@ class PoolerConfig(BaseModel):
     token_dropout: float = Field(0.0, ge=0, lt=1, description="training only: hide each token with this probability")
 
 
-class Pooler(nn.Module):
+class Pooler(nn.Module, ABC):
     """Subclasses implement ``pool``; ``forward`` adds token dropout while training."""
 
     Config: ClassVar[type[PoolerConfig]]
@@ -35,8 +36,9 @@ class Pooler(nn.Module):
     def forward(self, x: EncoderOutput) -> torch.Tensor:  # (B, out_dim)
         return self.pool(drop_tokens(x, self.token_dropout) if self.training else x)
 
+    @abstractmethod
     def pool(self, x: EncoderOutput) -> torch.Tensor:
-        raise NotImplementedError
+        ...
 
 
 class MeanSkip(nn.Module):

@@ -8,13 +8,14 @@ does everything else (processes, optimizer, schedule, checkpoints, resume, loggi
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import Any
 
 import torch
 from torch import nn
 
 
-class Task:
+class Task(ABC):
     """Interface; datasets returned by ``load`` have __len__, group_ids() and batch(idx)."""
 
     find_unused_parameters = False  # DDP: some parameters may get no gradient in a step
@@ -22,18 +23,19 @@ class Task:
     def __init__(self, cfg: Any):
         self.cfg = cfg
 
+    @abstractmethod
     def load(self, report, progress: bool) -> dict[str, Any]:
         """{"train", "val", "test", "eval:<spec>"...: dataset}; also fills ``self.records``."""
-        raise NotImplementedError
 
     records: dict[str, Any] = {}  # side files for the run directory: {file name: JSON object}
 
+    @abstractmethod
     def build(self) -> nn.Module:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def loss(self, model: nn.Module, core: nn.Module, batch: Any, step: int) -> tuple[torch.Tensor, dict[str, float]]:
         """Loss of one (per-process) batch and extra numbers to log; ``model`` may be DDP-wrapped."""
-        raise NotImplementedError
 
     def sampling(self, data: Any) -> tuple[str, torch.Tensor | None]:
         """How an epoch draws samples: ("all" | "one_per_group", per-sample rates or None)."""
@@ -43,15 +45,17 @@ class Task:
         """Called after every optimizer step; returns extra numbers to log."""
         return {}
 
+    @abstractmethod
     def evaluate(self, core: nn.Module, data: Any, limit: int | None = None) -> dict[str, Any]:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def score(self, result: dict[str, Any]) -> float:
         """Higher is better: how validation results select the best step."""
-        raise NotImplementedError
 
+    @abstractmethod
     def table(self, result: dict[str, Any], title: str) -> str:
-        raise NotImplementedError
+        ...
 
     def state_to_save(self, core: nn.Module) -> dict[str, torch.Tensor]:
         """The weights a run directory keeps (default: all of the core's state)."""
