@@ -24,9 +24,11 @@ def _short(direction: str) -> str:
 def retrieval_rows(name: str, result: dict, every_dim: bool) -> tuple[list[str], list[list[str]]]:
     directions = [k for k, v in result.items() if "_to_" in k and isinstance(v, dict)]
     header = ["run", "dim"] + [f"{_short(d)} {k}" for d in directions for k in KS]
-    blocks = result.get("dims", {}) if every_dim else {}
-    if not blocks:
-        blocks = {str(max(map(int, result.get("dims", {"full": 0}) or [0])) if result.get("dims") else "full"): result}
+    dims = result.get("dims", {})
+    if every_dim and dims:
+        blocks = dims
+    else:  # the top-level blocks are those of the largest dim
+        blocks = {str(max(map(int, dims))) if dims else "full": result}
     rows = [[name, dim] + [f"{block[d][k]:.1f}" if d in block else "" for d in directions for k in KS]
             for dim, block in blocks.items()]
     return header, rows

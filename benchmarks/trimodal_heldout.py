@@ -36,17 +36,18 @@ def main() -> None:
     if spec is None:
         raise SystemExit(f"{args.run_dir} did not train on a coco: or spoken:coco: dataset; pass --dataset")
     images = set(split[spec]["test"])
-    if not spec.startswith("spoken:") and any(s.audio is not None for s in read_dataset(spec)):
+    held_out = [s for s in read_dataset(spec.removeprefix("spoken:")) if s.group in images]
+    if not spec.startswith("spoken:") and any(s.audio is not None for s in held_out):
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         rows = [{k: str(Path(v).resolve()) if k in ("image", "audio") else v
                  for k, v in (("image", s.image), ("audio", s.audio), ("text", s.text)) if v is not None}
-                for s in read_dataset(spec) if s.group in images]
+                for s in held_out]
         (out / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         print(f"{len(images)} held-out groups of {spec}, {len(rows)} samples -> {out / 'manifest.jsonl'}")
         print(f"edge-glass eval {args.run_dir} --data jsonl:{out / 'manifest.jsonl'}")
         return
-    samples = [s for s in read_dataset(spec.removeprefix("spoken:")) if s.group in images]
+    samples = held_out
     start = time.time()
     spoken = speak_samples(samples, Path(args.out), HELDOUT_POOL, args.format)
     manifest = write_manifest(spoken, Path(args.out))
