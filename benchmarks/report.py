@@ -70,9 +70,9 @@ def main() -> None:
                 rows = []
             header = h
             rows += r
-            if "zero_shot_digits" in result:
-                z = result["zero_shot_digits"]
-                print(f"{name}: zero-shot spoken digits {z['accuracy']:.2f}% of {z['n']} (chance {z['chance']:.0f}%); "
+            if "digits" in result:
+                z = result["digits"]
+                print(f"{name}: spoken digits (closed set) {z['accuracy']:.2f}% of {z['n']} (chance {z['chance']:.0f}%); "
                       + ", ".join(f"{k} {v:.1f}" for k, v in z["per_speaker"].items()))
     print(markdown(header, rows))
 

@@ -7,11 +7,11 @@
 __version__ = "0.1.0"
 
 
-def load(run_dir):
-    """Load a trained run directory; see edge_glass.api.AlignedModel."""
+def load(run_dir, device=None):
+    """Load a trained run directory on ``device`` (default: CUDA if available); see edge_glass.api.load."""
     from .api import load as _load
 
-    return _load(run_dir)
+    return _load(run_dir, device)
 
 
 __all__ = ["load", "__version__"]

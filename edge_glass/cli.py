@@ -26,11 +26,12 @@ def _parser() -> argparse.ArgumentParser:
                    help="train only this variant of an ablation config (repeatable; default: all)")
     t.add_argument("--no-progress", action="store_true")
 
-    e = sub.add_parser("eval", help="retrieval Recall@K of a run")
+    e = sub.add_parser("eval", help="evaluate a run (retrieval Recall@K, QA exact match / F1...)")
     e.add_argument("run_dir")
     e.add_argument("--data", help="coco:DIR | flickr8k:DIR | jsonl:FILE | parquet:FILE (default: the run's test split)")
     e.add_argument("--json", help="also write the metrics to this file")
     e.add_argument("--no-progress", action="store_true")
+    e.add_argument("--device", help="cpu | cuda | cuda:N (default: CUDA if available)")
 
     m = sub.add_parser("embed", help="embed images, audio or texts with a run's model")
     m.add_argument("run_dir")
@@ -40,6 +41,7 @@ def _parser() -> argparse.ArgumentParser:
     src.add_argument("--texts", help="text file, one text per line")
     m.add_argument("--out", required=True, help="output .npz (embeddings, ids) or .safetensors")
     m.add_argument("--dim", type=int, help="embedding size (default: the largest)")
+    m.add_argument("--device", help="cpu | cuda | cuda:N (default: CUDA if available)")
 
     s = sub.add_parser("speak", help="speak a dataset's captions with espeak-ng: image-audio-text triples + a JSONL manifest")
     s.add_argument("data", help="a dataset spec with captions, e.g. coco:coco1k")
@@ -60,6 +62,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def cmd_train(args) -> None:
     from .config import load_config, variant_config
+    from .tasks import task_for
     from .train.loop import train
 
     cfg = load_config(args.config, args.overrides)
@@ -77,8 +80,10 @@ def cmd_train(args) -> None:
         print(f"== variant {name}")
         results[name] = train(variant_config(cfg, name), out / name, resume=args.resume, progress=not args.no_progress)
     if _is_main_process():
-        _print_ablation(results)
-        (out / "ablation.json").write_text(json.dumps(results, indent=2))
+        from .atomic import atomic_write_json
+
+        atomic_write_json(out / "ablation.json", results)  # first: a table that fails to print loses nothing
+        print(task_for(cfg).compare(results))
         print(f"run directory: {out} (one subdirectory per variant; summary in ablation.json)")
 
 
@@ -88,50 +93,41 @@ def _is_main_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
-def _short(direction: str) -> str:
-    """text_to_image -> t2i, image+audio_to_text -> ia2t."""
-    return "2".join("".join(m[0] for m in side.split("+")) for side in direction.split("_to_"))
+def _check_output(path: Path, flag: str) -> None:
+    """Fail before any work if ``path`` cannot be written (missing folder, not a folder, read-only)."""
+    import os
 
-
-def _print_ablation(results: dict) -> None:
-    """One row per variant and dim; R@1/5/10 of every retrieval direction the variants report."""
-    directions = list(dict.fromkeys(k for r in results.values() if r for block in r["dims"].values() for k in block))
-    rows = []
-    for name, r in results.items():
-        if not r:
-            continue
-        for d, block in r["dims"].items():
-            rows.append(f"{name:<24}{d:>6}" + "".join(f"{block.get(x, {}).get(k, float('nan')):>8.2f}" for x in directions for k in ("R@1", "R@5", "R@10")))
-    print(f"{'variant':<24}{'dim':>6}" + "".join(f"{_short(x) + '@' + k[2:]:>8}" for x in directions for k in ("R@1", "R@5", "R@10")))
-    print("\n".join(rows))
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise EdgeGlassError(f"{flag} {path}: folder {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise EdgeGlassError(f"{flag} {path}: folder {parent} is not writable")
 
 
 def cmd_eval(args) -> None:
     from .api import evaluate
-    from .eval.retrieval import format_table
-    from .runs import slug
+    from .atomic import atomic_write_json
+    from .runs import RunDir, slug
+    from .tasks import task_for
 
-    result = evaluate(args.run_dir, args.data, progress=not args.no_progress)
-    title = f"{args.run_dir} on {args.data or 'its test split'}"
+    if args.json:
+        _check_output(Path(args.json), "--json")
+    result = evaluate(args.run_dir, args.data, progress=not args.no_progress, device=args.device)
+    task = task_for(RunDir(args.run_dir).read_config())
     predictions = result.pop("predictions", None)
-    if "exact_match" in result:
-        from .tasks.vqa import format_qa
-
-        print(format_qa({**result, "predictions": predictions or []}, title))
-    else:
-        print(format_table(result, title))
-    if "zero_shot_digits" in result:
-        z = result["zero_shot_digits"]
-        print(f"zero-shot spoken digits: {z['accuracy']:.2f}% of {z['n']} clips (chance {z['chance']:.0f}%); per speaker: "
-              + ", ".join(f"{k} {v:.1f}" for k, v in z["per_speaker"].items()))
+    print(task.table({**result, "predictions": predictions or []}, f"{args.run_dir} on {args.data or 'its test split'}"))
     if result.get("skipped"):
         print(f"skipped {result['skipped']} samples: {result.get('skipped_by_reason')}")
+        for s in result["skipped_samples"][:20]:
+            print(f"  {s['source']}: {s['reason']}" + (f" ({s['input']})" if s.get("input") else ""))
+        if result["skipped"] > 20:
+            print(f"  ... {result['skipped'] - 20} more" + (f" (all in {args.json})" if args.json else " (--json FILE lists them all)"))
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
+        atomic_write_json(args.json, result)
         print(f"wrote {args.json}")
     if predictions is not None:
         where = Path(args.json).with_suffix(".predictions.json") if args.json else Path(args.run_dir) / f"predictions_{slug(args.data or 'test')}.json"
-        where.write_text(json.dumps(predictions, indent=2))
+        atomic_write_json(where, predictions)
         print(f"sample predictions: {where}")
 
 
@@ -145,47 +141,76 @@ def _list_files(folder: str, suffixes: set[str]) -> list[Path]:
     return files
 
 
+def _read_lines(path: str) -> list[str]:
+    p = Path(path)
+    try:
+        data = p.read_bytes()
+    except FileNotFoundError:
+        raise EdgeGlassError(f"--texts {path}: file not found") from None
+    except IsADirectoryError:
+        raise EdgeGlassError(f"--texts {path}: is a directory, expected a text file (one text per line)") from None
+    except OSError as exc:
+        raise EdgeGlassError(f"--texts {path}: cannot read ({exc.strerror or exc})") from None
+    try:
+        return data.decode("utf-8-sig").splitlines()
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise EdgeGlassError(f"--texts {path}: line {line} is not UTF-8 (byte 0x{data[exc.start]:02x}); re-save the file as UTF-8") from None
+
+
 def cmd_embed(args) -> None:
     import numpy as np
 
     from .api import load
+    from .atomic import atomic_path
     from .errors import InputError
 
-    model = load(args.run_dir)
-    if args.texts:
-        lines = Path(args.texts).read_text(encoding="utf-8").splitlines()
+    out = Path(args.out)
+    if out.suffix not in (".npz", ".safetensors"):
+        raise EdgeGlassError(f"--out {out}: expected a .npz or .safetensors file")
+    _check_output(out, "--out")
+    modality = "text" if args.texts else "image" if args.images else "audio"
+    lines = _read_lines(args.texts) if args.texts else None
+    model = load(args.run_dir, args.device)
+    encoders = getattr(model, "encoders", {})
+    if modality not in encoders:
+        raise EdgeGlassError(f"{args.run_dir}: this run has no {modality} encoder (it embeds {', '.join(encoders) or 'nothing'})")
+    dim = model.check_dim(args.dim)
+    if lines is not None:
         ids = [f"{n}" for n, line in enumerate(lines, 1) if line.strip()]
-        items, modality = [line.strip() for line in lines if line.strip()], "text"
+        items = [line.strip() for line in lines if line.strip()]
         skipped = len(lines) - len(items)
     else:
-        modality = "image" if args.images else "audio"
-        files = _list_files(args.images or args.audio, IMAGE_SUFFIXES if args.images else AUDIO_SUFFIXES)
-        enc = model.encoders[modality]
+        folder = args.images or args.audio
+        files = _list_files(folder, IMAGE_SUFFIXES if args.images else AUDIO_SUFFIXES)
+        enc = encoders[modality]
         items, ids, skipped = [], [], 0
         for f in files:  # check every input first, so one bad file is reported and skipped
             try:
                 enc.prepare(str(f))
                 items.append(str(f))
-                ids.append(str(f.relative_to(args.images or args.audio)))
+                ids.append(str(f.relative_to(folder)))
             except InputError as err:
                 print(f"skipped {err}", file=sys.stderr)
                 skipped += 1
-    emb = model.encode(modality, items, dim=args.dim).numpy().astype(np.float32)
-    out = Path(args.out)
-    if out.suffix == ".safetensors":
-        from safetensors.numpy import save_file
+    if not items:
+        raise EdgeGlassError(f"{args.texts or args.images or args.audio}: nothing to embed ({skipped} skipped)")
+    emb = model.encode(modality, items, dim=dim).numpy().astype(np.float32)
+    with atomic_path(out) as tmp:
+        if out.suffix == ".safetensors":
+            from safetensors.numpy import save_file
 
-        save_file({"embeddings": emb}, str(out), metadata={"ids": json.dumps(ids), "modality": modality})
-    else:
-        np.savez(out, embeddings=emb, ids=np.array(ids))
+            save_file({"embeddings": emb}, str(tmp), metadata={"ids": json.dumps(ids), "modality": modality})
+        else:
+            with open(tmp, "wb") as f:
+                np.savez(f, embeddings=emb, ids=np.array(ids))
     print(f"wrote {emb.shape[0]} {modality} embeddings of dim {emb.shape[1]} to {out}" + (f" ({skipped} skipped)" if skipped else ""))
 
 
 def cmd_speak(args) -> None:
     from .data import speech
-    from .data.formats import read_dataset
+    from .data.formats import limit_groups, read_dataset
     from .data.samples import DataReport
-    from .train.data import limit_groups
 
     default = args.voices is None and args.variants is None and args.speeds is None and args.pitches is None
     pool = speech.TRAIN_POOL if default else speech.VoicePool.parse(

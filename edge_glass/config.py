@@ -190,6 +190,9 @@ class AlignmentConfig(Strict):
 class VisionConfig(Strict):
     encoder: ENCODERS.config_union() = Field(default_factory=EfficientNetLiteConfig)  # type: ignore[valid-type]
     aligned_run: str | None = Field(None, description="an alignment run dir: its frozen image encoder + head make the visual tokens")
+    aligned_output: Literal["auto", "latents", "embedding"] = Field(
+        "auto", description="latents: a Perceiver head's latents (B, K, D); embedding: the Matryoshka embedding as one token; auto: latents if Perceiver")
+    aligned_dim: int | None = Field(None, ge=1, description="Matryoshka dim of the embedding output (default: the largest)")
 
     @model_validator(mode="after")
     def _image(self) -> "VisionConfig":

@@ -7,7 +7,10 @@
     RUN/data_report.json     samples read, kept, skipped (with reasons)
     RUN/metrics.jsonl        training/validation metrics; RUN/tensorboard/ the same for TensorBoard
     RUN/checkpoints/         atomic checkpoints for --resume
-    RUN/eval.json            test-split retrieval metrics (and eval_<dataset>.json for extra sets)
+    RUN/eval.json            test-split metrics (and eval_<dataset>.json for extra sets)
+
+Every file is written atomically (edge_glass.atomic); a damaged file is reported with its path
+and, where one exists, the checkpoint that still holds the weights.
 """
 from __future__ import annotations
 
@@ -17,8 +20,10 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .atomic import atomic_path, atomic_write_json, atomic_write_text
 from .config import config_from_dict, dump_config
 from .errors import EdgeGlassError
 
@@ -30,36 +35,72 @@ class RunDir:
     def file(self, name: str) -> Path:
         return self.path / name
 
+    def latest_checkpoint(self) -> Path | None:
+        done = sorted(p for p in (self.path / "checkpoints").glob("step-*") if (p / "state.json").is_file())
+        return done[-1] if done else None
+
+    def _recovery_hint(self) -> str:
+        ckpt = self.latest_checkpoint()
+        return f"; the last checkpoint {ckpt} still holds a copy (resume with --resume, or copy its files here)" if ckpt else ""
+
     # config
     def write_config(self, cfg: Any) -> None:
-        self.path.mkdir(parents=True, exist_ok=True)
-        self.file("config.yaml").write_text(dump_config(cfg))
+        atomic_write_text(self.file("config.yaml"), dump_config(cfg))
 
     def read_config(self) -> Any:
         f = self.file("config.yaml")
         if not f.is_file():
             raise EdgeGlassError(f"{self.path}: not a run directory (no config.yaml)")
-        return config_from_dict(yaml.safe_load(f.read_text()), str(f))
+        try:
+            data = yaml.safe_load(f.read_text(encoding="utf-8"))
+        except (yaml.YAMLError, UnicodeDecodeError) as exc:
+            raise EdgeGlassError(f"{f}: corrupt run config ({type(exc).__name__}); restore it from the config you trained with "
+                                 f"(edge-glass info CONFIG prints the resolved form){self._recovery_hint()}") from None
+        if not isinstance(data, dict):
+            raise EdgeGlassError(f"{f}: corrupt run config (not a mapping of keys){self._recovery_hint()}")
+        return config_from_dict(data, str(f))
 
     # json side files
     def write_json(self, name: str, obj: Any) -> None:
-        self.path.mkdir(parents=True, exist_ok=True)
-        self.file(name).write_text(json.dumps(obj, indent=2))
+        atomic_write_json(self.file(name), obj)
 
     def read_json(self, name: str) -> Any:
-        return json.loads(self.file(name).read_text())
+        f = self.file(name)
+        try:
+            return json.loads(f.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise EdgeGlassError(f"{f}: missing from the run directory") from None
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise EdgeGlassError(f"{f}: corrupt JSON ({exc})") from None
 
     # weights
     def save_weights(self, state: dict, name: str = "model.safetensors") -> None:
-        tmp = self.file(name + ".tmp")
-        save_file(tensors_for_saving(state), str(tmp))
-        tmp.replace(self.file(name))
+        with atomic_path(self.file(name)) as tmp:
+            save_file(tensors_for_saving(state), str(tmp))
 
     def load_weights(self, name: str = "model.safetensors") -> dict:
         f = self.file(name)
         if not f.is_file():
-            raise EdgeGlassError(f"{self.path}: no model.safetensors (training did not finish? resume it with --resume)")
-        return load_file(str(f))
+            raise EdgeGlassError(f"{f}: missing (training did not finish? resume it with --resume){self._recovery_hint()}")
+        return read_safetensors(f, self._recovery_hint())
+
+    def load_state_into(self, module, name: str = "model.safetensors") -> None:
+        """Load the run's weights into ``module``, strictly; a mismatch names the file and keys."""
+        state = self.load_weights(name)
+        missing, unexpected = module.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise EdgeGlassError(f"{self.file(name)}: weights do not fit the model of config.yaml "
+                                 f"(missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})")
+
+
+def read_safetensors(path: Path, hint: str = "") -> dict:
+    """A safetensors file's tensors; an empty, truncated or foreign file raises an error naming it."""
+    if path.stat().st_size == 0:
+        raise EdgeGlassError(f"{path}: empty file (the write was interrupted?){hint}")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise EdgeGlassError(f"{path}: not a readable safetensors file, truncated or corrupt ({exc}){hint}") from None
 
 
 def tensors_for_saving(state: dict) -> dict:

@@ -72,6 +72,19 @@ def read_dataset(spec: str, report: DataReport | None = None) -> list[Sample]:
     return samples
 
 
+def limit_groups(samples: list[Sample], max_groups: int | None) -> list[Sample]:
+    """Keep the samples of the first ``max_groups`` groups (in file order)."""
+    if max_groups is None:
+        return samples
+    keep: dict[str, None] = {}
+    for s in samples:
+        if s.group not in keep:
+            if len(keep) == max_groups:
+                continue
+            keep[s.group] = None
+    return [s for s in samples if s.group in keep]
+
+
 def _add_pair(out: list[Sample], report: DataReport, source: str, image: Path, caption: object, group: str) -> None:
     text = clean_text(caption)
     if not text:

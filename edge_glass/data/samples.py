@@ -53,12 +53,6 @@ class DataReport:
     def reasons(self) -> Counter:
         return Counter(s.reason.split(" (")[0] for s in self.skipped)
 
-    def merge(self, other: "DataReport") -> "DataReport":
-        self.read.update(other.read)
-        self.kept.update(other.kept)
-        self.skipped.extend(other.skipped)
-        return self
-
     def to_dict(self) -> dict[str, Any]:
         return {
             "read": dict(self.read),

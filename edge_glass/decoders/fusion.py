@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from ..registry import Registry
+from ..tensors import masked_mean
 
 DECODER_FUSIONS = Registry("decoder fusion")
 
@@ -139,8 +140,7 @@ class GatedInjection(DecoderFusion):
 
     @contextmanager
     def attached(self, decoder, visual, mask):
-        w = mask.to(visual.dtype).unsqueeze(-1)
-        inject = torch.tanh(self.beta) * self.proj((visual * w).sum(1) / w.sum(1).clamp_min(1.0))  # (B, d)
+        inject = torch.tanh(self.beta) * self.proj(masked_mean(visual, mask))  # (B, d)
         handle = decoder.token_embedding().register_forward_hook(lambda _m, _i, out: out + inject[: out.shape[0], None].to(out.dtype))
         try:
             yield

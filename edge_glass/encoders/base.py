@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from ..registry import Registry
+from ..tensors import to_device
 
 ENCODERS = Registry("encoder")
 
@@ -66,6 +67,12 @@ class FrozenEncoder(nn.Module, ABC):
         super().__init__()
         self.cfg = cfg
         self._loaded = False
+        # follows .to(device) before the weights are loaded, so lazily built weights land there too
+        self.register_buffer("_device_anchor", torch.empty(0), persistent=False)
+
+    @property
+    def device(self) -> torch.device:
+        return self._device_anchor.device
 
     # -- hooks ------------------------------------------------------------------------------
     @property
@@ -130,6 +137,7 @@ class FrozenEncoder(nn.Module, ABC):
             self.build()
             self.requires_grad_(False)
             self.eval()
+            self.to(self.device)
             self._loaded = True
         return self
 
@@ -138,10 +146,10 @@ class FrozenEncoder(nn.Module, ABC):
 
     @torch.no_grad()
     def forward(self, batch: Any) -> EncoderOutput:
+        """A collated batch (moved to the encoder's device) -> EncoderOutput on that device."""
         self.ensure_loaded()
-        device = next(self.parameters()).device.type if any(True for _ in self.parameters()) else "cpu"
-        with torch.autocast(device, dtype=torch.bfloat16, enabled=self.cfg.autocast == "bf16"):
-            out = self.encode_batch(batch)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.autocast == "bf16"):
+            out = self.encode_batch(to_device(batch, self.device))
         mask = out.mask.bool()
         return EncoderOutput(out.tokens.float() * mask.unsqueeze(-1), mask, out.pooled.float())  # padding = 0
 

@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 import torch
 
-from ..resolve import content_digest, resolve
+from ..weights.resolve import content_digest, resolve
 from .base import ENCODERS, EncoderOutput
 from .image_base import ImageEncoder, ImageEncoderConfig
 
@@ -67,5 +67,5 @@ class CLIPVisionEncoder(ImageEncoder):
         tokens = out.hidden_states[self.cfg.layer]
         if self.cfg.drop_cls:
             tokens = tokens[:, 1:]
-        mask = torch.ones(tokens.shape[:2], dtype=torch.bool)
+        mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
         return EncoderOutput(tokens, mask, out.pooler_output)

@@ -11,7 +11,7 @@ from typing import Literal
 
 import torch
 
-from ..resolve import content_digest, resolve
+from ..weights.resolve import content_digest, resolve
 from .base import ENCODERS, EncoderOutput
 from .image_base import ImageEncoder, ImageEncoderConfig
 
@@ -70,5 +70,5 @@ class EfficientNetLiteEncoder(ImageEncoder):
     def encode_batch(self, pixels: torch.Tensor) -> EncoderOutput:
         fmap = self.net.extract_features(pixels)  # (B, C, h, w)
         tokens = fmap.flatten(2).transpose(1, 2)  # (B, h*w, C)
-        mask = torch.ones(tokens.shape[:2], dtype=torch.bool)
+        mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
         return EncoderOutput(tokens, mask, tokens.mean(1))

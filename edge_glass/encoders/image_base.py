@@ -6,8 +6,8 @@ from typing import Any, Literal
 
 import torch
 
-from ..data.images import describe_image, image_bytes, open_image
-from ..data.transforms import image_to_tensor
+from ..media.images import describe_image, image_bytes, open_image
+from ..media.transforms import image_to_tensor
 from .base import EncoderConfig, FrozenEncoder, digest_bytes
 
 

@@ -12,7 +12,7 @@ from typing import Any, Literal
 import torch
 
 from ..errors import InputError
-from ..resolve import content_digest, resolve
+from ..weights.resolve import content_digest, resolve
 from .base import ENCODERS, EncoderConfig, EncoderOutput, FrozenEncoder, digest_bytes
 
 
@@ -45,7 +45,7 @@ class SentenceTransformerEncoder(FrozenEncoder):
     def build(self) -> None:
         from sentence_transformers import SentenceTransformer
 
-        self.st = SentenceTransformer(str(self.model_dir), device="cpu")
+        self.st = SentenceTransformer(str(self.model_dir), device=str(self.device))
         self.st.max_seq_length = self.cfg.max_length
 
     def prepare(self, item: Any) -> str:

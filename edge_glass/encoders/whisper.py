@@ -37,8 +37,9 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from ..convert.ctranslate2 import load_whisper, read_whisper_config, weights_digest
-from ..data.audio import audio_bytes, describe_audio, load_audio
+from ..weights.ctranslate2 import load_whisper, read_whisper_config, weights_digest
+from ..media.audio import audio_bytes, describe_audio, load_audio
+from ..tensors import masked_mean
 from .base import ENCODERS, EncoderConfig, EncoderOutput, FrozenEncoder, digest_bytes
 
 SAMPLE_RATE, HOP, N_FFT = 16000, 160, 400  # Whisper's front end: 25 ms windows every 10 ms
@@ -182,6 +183,4 @@ class WhisperAudioEncoder(FrozenEncoder):
         x = enc.layer_norm(x)
         if self.cfg.variable_length:
             x = x.masked_fill(~valid[..., None], 0.0)
-        weights = valid.to(x.dtype)[..., None]
-        pooled = (x * weights).sum(1) / weights.sum(1).clamp(min=1)
-        return EncoderOutput(x, valid, pooled).strided(self.cfg.token_stride)
+        return EncoderOutput(x, valid, masked_mean(x, valid)).strided(self.cfg.token_stride)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..data.pipeline import PairedData
+from ..features.pipeline import PairedData
 from ..models.alignment import AlignmentModel
 
 DIRECTION_NAMES = {("text", "image"): "text_to_image", ("image", "text"): "image_to_text"}

@@ -24,7 +24,7 @@ from torch import nn
 from ..encoders.base import EncoderOutput
 from ..registry import Registry
 from .matryoshka import ProjectionConfig
-from .pooling import masked_mean
+from ..tensors import masked_mean
 
 FUSIONS = Registry("fusion")
 

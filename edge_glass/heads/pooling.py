@@ -17,6 +17,7 @@ from torch import nn
 
 from ..encoders.base import EncoderOutput
 from ..registry import Registry
+from ..tensors import masked_mean
 
 POOLERS = Registry("pooler")
 
@@ -62,12 +63,6 @@ def drop_tokens(x: EncoderOutput, p: float) -> EncoderOutput:
     none_left = ~keep.any(1)
     keep[none_left] = x.mask[none_left]
     return EncoderOutput(x.tokens, keep, x.pooled)
-
-
-def masked_mean(tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """(B, T, D), (B, T) bool -> (B, D) mean over real tokens."""
-    w = mask.to(tokens.dtype).unsqueeze(-1)
-    return (tokens * w).sum(1) / w.sum(1).clamp_min(1.0)
 
 
 class MeanConfig(PoolerConfig):

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import math
 from itertools import combinations
+from typing import Any, Iterable
 
 import torch
 from torch import nn
 
-from ..encoders.base import EncoderOutput
+from ..encoders.base import EncoderOutput, FrozenEncoder
+from ..errors import EdgeGlassError
 from ..heads import FUSIONS, POOLERS, MatryoshkaProjection
 
 
@@ -107,3 +109,73 @@ class AlignmentModel(nn.Module):
         lo, hi = self.scale_bounds
         for p in self.logit_scales.values():
             p.clamp_(lo, hi)
+
+
+class AlignedModel(nn.Module):
+    """Frozen encoders + trained heads: raw inputs -> embeddings in the shared space, on one device.
+
+        model = edge_glass.load("runs/quickstart", device="cuda")
+        img = model.encode_images(["a.jpg", pil_image], dim=128)    # (2, 128) CPU tensor, unit rows
+    """
+
+    def __init__(self, cfg: Any, encoders: dict[str, FrozenEncoder], core: AlignmentModel, run_dir: Any = None):
+        super().__init__()
+        self.cfg, self.run_dir = cfg, run_dir
+        self.encoders = nn.ModuleDict(encoders)
+        self.core = core.eval()
+
+    @property
+    def dims(self) -> list[int]:
+        return self.core.dims
+
+    def check_dim(self, dim: int | None) -> int:
+        """``dim`` (None: the largest) checked against the trained dims."""
+        if dim is None:
+            return self.dims[0]
+        if not 1 <= dim <= self.dims[0]:
+            raise EdgeGlassError(f"--dim {dim}: outside 1..{self.dims[0]} (trained dims: {self.dims})")
+        return dim
+
+    def encoder(self, modality: str) -> FrozenEncoder:
+        if modality not in self.encoders:
+            raise EdgeGlassError(f"this model has no {modality} encoder (it has {', '.join(self.encoders)})")
+        return self.encoders[modality]
+
+    @torch.no_grad()
+    def encode(self, modality: str, items: Iterable[Any], dim: int | None = None, batch_size: int | None = None) -> torch.Tensor:
+        """(N, dim) L2-normalised embeddings (on the CPU); any dim up to the largest trained one (nested)."""
+        enc = self.encoder(modality)
+        dim = self.check_dim(dim)
+        items = list(items)
+        head = self.core.heads[modality]
+        bs = batch_size or enc.cfg.batch_size
+        out = [head.at_dim(enc.encode(items[s : s + bs]), dim).cpu() for s in range(0, len(items), bs)]
+        return torch.cat(out) if out else torch.empty(0, dim)
+
+    @torch.no_grad()
+    def encode_fused(self, first: Iterable[Any], second: Iterable[Any], dim: int | None = None) -> torch.Tensor:
+        """Pairs of inputs of the fusion's two modalities, in its config order (images and audio
+        clips for "image+audio") -> (N, dim): one embedding per pair, e.g. a spoken question
+        about a photo as one query."""
+        if self.core.fusion is None:
+            raise EdgeGlassError("this model has no fusion head (model.fusion in its config)")
+        ((a, b),) = self.core.fused.values()
+        first, second = list(first), list(second)
+        if len(first) != len(second):
+            raise EdgeGlassError(f"encode_fused: {len(first)} {a} inputs but {len(second)} {b} inputs")
+        dim = self.check_dim(dim)
+        bs = min(self.encoders[a].cfg.batch_size, self.encoders[b].cfg.batch_size)
+        out = [self.core.fusion.at_dim(self.encoders[a].encode(first[s : s + bs]), self.encoders[b].encode(second[s : s + bs]), dim).cpu()
+               for s in range(0, len(first), bs)]
+        return torch.cat(out) if out else torch.empty(0, dim)
+
+    def encode_images(self, images: Iterable[Any], dim: int | None = None) -> torch.Tensor:
+        """Paths, bytes or PIL images -> (N, dim)."""
+        return self.encode("image", images, dim)
+
+    def encode_texts(self, texts: Iterable[str], dim: int | None = None) -> torch.Tensor:
+        return self.encode("text", texts, dim)
+
+    def encode_audio(self, clips: Iterable[Any], dim: int | None = None) -> torch.Tensor:
+        """Audio file paths or bytes -> (N, dim)."""
+        return self.encode("audio", clips, dim)

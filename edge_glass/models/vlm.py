@@ -10,7 +10,7 @@ Perceiver latents, or its embedding as one token): see ``AlignedVision``.
 from __future__ import annotations
 
 import math
-from typing import Literal, Sequence
+from typing import Any, Literal, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +20,9 @@ from torch import nn
 from ..decoders import Decoder, DecoderOutput
 from ..decoders.fusion import DecoderFusion
 from ..encoders.base import EncoderOutput
+from ..errors import ConfigError, EdgeGlassError
 from ..heads.perceiver import PerceiverPooler
+from ..tensors import masked_mean
 
 
 class ProjectorConfig(BaseModel):
@@ -35,8 +37,7 @@ def pool_tokens(x: EncoderOutput, pool: str | int) -> EncoderOutput:
     if pool == "none":
         return x
     if pool == "mean":
-        w = x.mask.to(x.tokens.dtype).unsqueeze(-1)
-        mean = (x.tokens * w).sum(1, keepdim=True) / w.sum(1, keepdim=True).clamp_min(1.0)
+        mean = masked_mean(x.tokens, x.mask, keepdim=True)
         return EncoderOutput(mean, x.mask[:, :1] | True, x.pooled)
     side = math.isqrt(x.tokens.shape[1])
     if side * side != x.tokens.shape[1]:
@@ -65,25 +66,37 @@ class VisionProjector(nn.Module):
 
 
 class AlignedVision(nn.Module):
-    """An alignment run's frozen image head on top of backbone tokens:
-    Perceiver pooler -> its latents (B, K, dim); any other pooler -> the embedding (B, 1, max dim)."""
+    """An alignment run's frozen image head on top of backbone tokens (the seeds' phase 1 -> 2):
 
-    def __init__(self, head: nn.Module):
+        output "latents"    Perceiver pooler only: its latents (B, K, D_perceiver)
+        output "embedding"  any pooler: the L2-normalised Matryoshka embedding at ``dim`` as one token (B, 1, dim)
+        output "auto"       latents for a Perceiver pooler, else the embedding
+    """
+
+    def __init__(self, head: nn.Module, output: str = "auto", dim: int | None = None):
         super().__init__()
         self.head = head.requires_grad_(False).eval()
-        pooler = head.pooler
-        self.out_dim = pooler.out_dim if isinstance(pooler, PerceiverPooler) else head.projection.dims[0]
+        perceiver = isinstance(head.pooler, PerceiverPooler)
+        if output == "auto":
+            output = "latents" if perceiver else "embedding"
+        if output == "latents" and not perceiver:
+            raise ConfigError(f"vision.aligned_output: 'latents' needs a Perceiver image pooler; this run's is {type(head.pooler).__name__}")
+        dims = head.projection.dims
+        self.dim = dim or dims[0]
+        if not 1 <= self.dim <= dims[0]:
+            raise ConfigError(f"vision.aligned_dim: {self.dim} is outside 1..{dims[0]} (the run's Matryoshka dims: {dims})")
+        self.output = output
+        self.out_dim = head.pooler.out_dim if output == "latents" else self.dim
 
     def train(self, mode: bool = True) -> "AlignedVision":
         return super().train(False)
 
     @torch.no_grad()
     def forward(self, x: EncoderOutput) -> EncoderOutput:
-        pooler = self.head.pooler
-        if isinstance(pooler, PerceiverPooler):
-            tokens = pooler.resampler(x.tokens, x.mask)
+        if self.output == "latents":
+            tokens = self.head.pooler.resampler(x.tokens, x.mask)
         else:
-            tokens = F.normalize(self.head.project(x), dim=-1).unsqueeze(1)
+            tokens = self.head.at_dim(x, self.dim).unsqueeze(1)
         return EncoderOutput(tokens, torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device), tokens.mean(1))
 
 
@@ -97,6 +110,7 @@ class VLM(nn.Module):
         if feats is None or not self.fusion.uses_image:
             empty = torch.zeros(batch_size, 0, self.decoder.d_model, device=device)
             return empty, torch.zeros(batch_size, 0, dtype=torch.bool, device=device)
+        feats = feats.to(device)
         if self.vision is not None:
             feats = self.vision(feats)
         return self.projector(feats)
@@ -112,15 +126,44 @@ class VLM(nn.Module):
         was = self.training
         self.eval()
         try:
-            visual, vmask = self.visual(feats, len(questions), next(self.decoder.parameters()).device)
+            visual, vmask = self.visual(feats, len(questions), self.device)
             prefix, pmask = self.fusion.prefix(visual, vmask)
             with self.fusion.attached(self.decoder, visual, vmask):
                 return self.decoder.answer(prefix, list(questions), max_new_tokens, pmask)
         finally:
             self.train(was)
 
+    @property
+    def device(self) -> torch.device:
+        return next(self.decoder.parameters()).device
+
     def trainable_state(self) -> dict[str, torch.Tensor]:
         """Only what training changed (projector, fusion, decoder or its LoRA adapters): a LoRA
         run does not store the frozen LM."""
         names = {n for n, p in self.named_parameters() if p.requires_grad}
         return {k: v for k, v in self.state_dict().items() if k in names or not k.startswith(("decoder.lm.", "vision."))}
+
+
+class VisionLanguageModel(nn.Module):
+    """A trained vlm run: frozen vision encoder -> (aligned head) -> projector -> decoder.
+
+        vlm = edge_glass.load("runs/trm")
+        vlm.answer(["shape.png"], ["what shape is in the image?"])   # -> ["circle"]
+    """
+
+    def __init__(self, cfg: Any, encoder: nn.Module, core: VLM, majority: str | None = None, run_dir: Any = None):
+        super().__init__()
+        self.cfg, self.encoder, self.core, self.majority, self.run_dir = cfg, encoder, core.eval(), majority, run_dir
+
+    @torch.no_grad()
+    def answer(self, images: Sequence[Any], questions: Sequence[str], max_new_tokens: int | None = None) -> list[str]:
+        """Paths/bytes/PIL images and one question each -> generated answers."""
+        if len(images) != len(questions):
+            raise EdgeGlassError(f"answer: {len(images)} images but {len(questions)} questions")
+        feats = self.encoder.encode(list(images)) if self.core.fusion.uses_image else None
+        return self.core.answer(feats, list(questions), max_new_tokens or self.cfg.eval.max_new_tokens)
+
+    def describe(self, images: Sequence[Any]) -> list[str]:
+        from ..data.vqa import DESCRIBE
+
+        return self.answer(images, [DESCRIBE] * len(images))

@@ -1,14 +1,16 @@
-"""Atomic checkpoints: model, optimizer, scheduler, RNG states of every process, data position.
+"""Atomic checkpoints: model, optimizer, scheduler, RNG states of every process (CPU and CUDA),
+data position.
 
-A checkpoint is written into ``checkpoints/.tmp-step-N`` and renamed to ``checkpoints/step-N``
-once every process has written its part; ``checkpoints/latest`` (a one-line file, replaced
-atomically) then points at it. A run killed at any moment leaves either the previous complete
-checkpoint or the new one, never a torn one.
+A checkpoint is written into ``checkpoints/.tmp-step-N``, every file fsync'ed, and renamed to
+``checkpoints/step-N`` once every process has written its part; ``checkpoints/latest`` (a
+one-line file, replaced atomically) then points at it. A run killed at any moment leaves either
+the previous complete checkpoint or the new one, never a torn one; a write that fails (full
+disk) removes its temporary folder, and stale ones from killed runs are removed on start.
+Everything loads with ``torch.load(weights_only=True)``: a checkpoint cannot run code.
 """
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 from pathlib import Path
@@ -16,52 +18,80 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from ..runs import tensors_for_saving
+from ..atomic import atomic_write_text, fsync_path, write_error
+from ..errors import EdgeGlassError
+from ..runs import read_safetensors, tensors_for_saving
 
 
 def rng_state() -> dict[str, Any]:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every RNG a step may draw from, as tensors and plain values (loadable with weights_only)."""
+    version, mt, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": [version, torch.tensor(mt, dtype=torch.int64), gauss],
+             "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, mt, gauss = state["python"]
+    random.setstate((version, tuple(int(x) for x in mt.tolist()), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def _load(path: Path) -> Any:
+    try:
+        return torch.load(path, weights_only=True, map_location="cpu")
+    except FileNotFoundError:
+        raise EdgeGlassError(f"{path}: missing from the checkpoint") from None
+    except Exception as exc:  # unpickling refused (not plain tensors/values) or a torn file
+        raise EdgeGlassError(f"{path}: cannot be loaded safely ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
 
 
 class Checkpointer:
     def __init__(self, run_dir: Path, keep: int, rank: int = 0, barrier=lambda: None):
         self.dir = Path(run_dir) / "checkpoints"
         self.keep, self.rank, self.barrier = keep, rank, barrier
+        if rank == 0:
+            for stale in self.dir.glob(".tmp-step-*"):  # left by a killed run
+                shutil.rmtree(stale, ignore_errors=True)
 
     def save(self, step: int, weights: dict[str, torch.Tensor], optimizer, scheduler, state: dict[str, Any]) -> Path:
         """Every process calls this; rank 0 writes the shared parts and publishes. ``weights``:
         the model state to keep (frozen parts that are reloaded from their source may be left out)."""
         final = self.dir / f"step-{step:08d}"
         tmp = self.dir / f".tmp-step-{step:08d}"
-        if self.rank == 0:
+        try:
+            if self.rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir(parents=True)
+            self.barrier()
+            torch.save(rng_state(), tmp / f"rng-{self.rank}.pt")
+            if self.rank == 0:
+                save_file(tensors_for_saving(weights), str(tmp / "model.safetensors"))
+                torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+                torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+                (tmp / "state.json").write_text(json.dumps({**state, "step": step}))
+            for f in tmp.glob(f"*{self.rank}.pt" if self.rank else "*"):
+                fsync_path(f)
+        except OSError as exc:
             shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        self.barrier()
-        torch.save(rng_state(), tmp / f"rng-{self.rank}.pt")
-        if self.rank == 0:
-            save_file(tensors_for_saving(weights), str(tmp / "model.safetensors"))
-            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-            (tmp / "state.json").write_text(json.dumps({**state, "step": step}))
+            raise write_error(tmp, exc) from None
         self.barrier()
         if self.rank == 0:
+            fsync_path(tmp)
             shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
-            _atomic_write_text(self.dir / "latest", final.name + "\n")
+            tmp.rename(final)
+            fsync_path(self.dir)
+            atomic_write_text(self.dir / "latest", final.name + "\n")
             for old in sorted(self.dir.glob("step-*"))[: -self.keep]:
                 shutil.rmtree(old, ignore_errors=True)
         self.barrier()
@@ -77,13 +107,13 @@ class Checkpointer:
         return done[-1] if done else None
 
     def load(self, path: Path, model: torch.nn.Module, optimizer, scheduler) -> dict[str, Any]:
-        missing, unexpected = model.load_state_dict(load_file(str(path / "model.safetensors")), strict=False)
+        missing, unexpected = model.load_state_dict(read_safetensors(path / "model.safetensors"), strict=False)
         frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
         if unexpected or set(missing) - frozen - {n for n, _ in model.named_buffers()}:
-            raise RuntimeError(f"{path}: checkpoint does not fit the model (missing {sorted(set(missing) - frozen)[:5]}, unexpected {unexpected[:5]})")
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
-        scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
+            raise EdgeGlassError(f"{path}: checkpoint does not fit the model (missing {sorted(set(missing) - frozen)[:5]}, unexpected {unexpected[:5]})")
+        optimizer.load_state_dict(_load(path / "optimizer.pt"))
+        scheduler.load_state_dict(_load(path / "scheduler.pt"))
         rng_file = path / f"rng-{self.rank}.pt"
         if rng_file.exists():
-            set_rng_state(torch.load(rng_file, weights_only=False))
+            set_rng_state(_load(rng_file))
         return json.loads((path / "state.json").read_text())

@@ -5,6 +5,17 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ..atomic import atomic_write_text
+
+
+def parse_line(text: str) -> dict[str, Any] | None:
+    """One metrics.jsonl line, or None for a blank or torn one."""
+    try:
+        obj = json.loads(text)
+    except ValueError:
+        return None
+    return obj if isinstance(obj, dict) else None
+
 
 def flatten(prefix: str, obj: Any) -> dict[str, float]:
     if isinstance(obj, dict):
@@ -23,9 +34,11 @@ class MetricsLogger:
         if not enabled:
             return
         if resume_step is not None and self.path.exists():
-            # a resumed run repeats the steps after its checkpoint: drop their old lines
-            kept = [l for l in self.path.read_text().splitlines() if l.strip() and json.loads(l).get("step", 0) <= resume_step]
-            self.path.write_text("".join(l + "\n" for l in kept))
+            # a resumed run repeats the steps after its checkpoint: drop their old lines (and a
+            # line torn by the kill: it is not JSON)
+            kept = [line for line in (parse_line(l) for l in self.path.read_text(encoding="utf-8", errors="replace").splitlines())
+                    if line is not None and line.get("step", 0) <= resume_step]
+            atomic_write_text(self.path, "".join(json.dumps(line) + "\n" for line in kept))
         try:
             from torch.utils.tensorboard import SummaryWriter
 

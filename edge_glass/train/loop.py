@@ -19,15 +19,18 @@ from ..config import dump_config
 from ..data.samples import DataReport
 from ..errors import EdgeGlassError
 from ..runs import RunDir, slug
-from ..tasks import Task, task_for
+from ..tasks import Task, task_class, task_for
 from .checkpoint import Checkpointer
+from .lock import RunLock
 from .logging import MetricsLogger
 
 
-def make_accelerator(tcfg, find_unused_parameters: bool):
+def make_accelerator(tcfg, find_unused_parameters: bool = False):
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
 
+    if tcfg.device == "cuda" and not torch.cuda.is_available():
+        raise EdgeGlassError("train.device: cuda, but no CUDA GPU is available (torch.cuda.is_available() is False); use auto or cpu")
     cpu = tcfg.device == "cpu" or (tcfg.device == "auto" and not torch.cuda.is_available())
     ddp = DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)
     return Accelerator(cpu=cpu, mixed_precision=tcfg.mixed_precision, kwargs_handlers=[ddp])
@@ -71,15 +74,6 @@ def lr_schedule(optimizer, tcfg, total_steps: int):
     return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (decay if p.ndim >= 2 and not name.endswith(("latents", "query")) else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
 def _prepare_run_dir(run: RunDir, cfg, resume: bool) -> None:
     has_ckpt = (run.path / "checkpoints").is_dir() and any((run.path / "checkpoints").glob("step-*"))
     if run.file("config.yaml").exists():
@@ -100,16 +94,28 @@ def train(cfg, out_dir: str | Path, resume: bool = False, progress: bool = True)
     """Train an experiment (any task) into ``out_dir``; returns the test-split metrics."""
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    task: Task = task_for(cfg)
-    acc = make_accelerator(cfg.train, task.find_unused_parameters)
-    rank, world, main = acc.process_index, acc.num_processes, acc.is_main_process
+    acc = make_accelerator(cfg.train, task_class(cfg.task).find_unused_parameters(cfg))
+    task: Task = task_for(cfg, acc.device)
+    world, main = acc.num_processes, acc.is_main_process
     tcfg = cfg.train
     if tcfg.batch_size % world:
         raise EdgeGlassError(f"train.batch_size {tcfg.batch_size} must be divisible by the number of processes ({world})")
     run = RunDir(out_dir)
-    if main:
-        _prepare_run_dir(run, cfg, resume)
-    acc.wait_for_everyone()
+    lock = RunLock(run.path) if main else None
+    try:
+        if main:
+            lock.acquire()
+            _prepare_run_dir(run, cfg, resume)
+        acc.wait_for_everyone()
+        return _train(cfg, task, acc, run, resume, progress)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(cfg, task: Task, acc, run: RunDir, resume: bool, progress: bool) -> dict[str, Any]:
+    rank, world, main = acc.process_index, acc.num_processes, acc.is_main_process
+    tcfg = cfg.train
     from accelerate.utils import set_seed
 
     t_start = time.time()
@@ -126,7 +132,7 @@ def train(cfg, out_dir: str | Path, resume: bool = False, progress: bool = True)
     train_data = splits["train"]
     set_seed(cfg.seed)  # after data: loading a backbone (cache miss or not) must not change the init
     core = task.build()
-    optimizer = torch.optim.AdamW(param_groups(core, tcfg.weight_decay), lr=tcfg.lr, betas=tcfg.betas)
+    optimizer = task.optimizer(core)
     per_step = tcfg.batch_size * tcfg.grad_accum
     mode, rates = task.sampling(train_data)
     steps_per_epoch = len(epoch_order(train_data, 0, cfg.seed, mode, rates)) // per_step

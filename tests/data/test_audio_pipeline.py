@@ -12,8 +12,8 @@ import torch
 from scipy.signal import resample_poly
 
 from edge_glass.config import config_from_dict
-from edge_glass.data.audio import load_audio
-from edge_glass.data.pipeline import build_paired_data
+from edge_glass.media.audio import load_audio
+from edge_glass.features.pipeline import build_paired_data
 from edge_glass.data.samples import DataReport, Sample
 from edge_glass.encoders.whisper import WhisperAudioEncoder, clip_frames
 from edge_glass.errors import ModelNotFoundError

@@ -11,7 +11,7 @@ from edge_glass.data.fsdd import DIGIT_WORDS, parse_recording
 from edge_glass.data.samples import DataReport, Sample
 from edge_glass.data.split import sample_splits
 from edge_glass.errors import DataError
-from edge_glass.train.data import evaluation_samples
+from edge_glass.tasks.alignment import evaluation_samples
 
 
 def test_reader_gives_digit_words_groups_per_file_and_the_official_test_takes(fsdd_subset, tmp_path):

@@ -8,7 +8,7 @@ from collections import Counter
 import numpy as np
 
 from edge_glass.cli import main
-from edge_glass.data.audio import load_audio
+from edge_glass.media.audio import load_audio
 from edge_glass.data.formats import read_dataset
 from edge_glass.data.samples import DataReport
 from edge_glass.data.speech import HELDOUT_POOL, TRAIN_POOL, VoicePool

@@ -72,13 +72,13 @@ def smollm2_dir():
     root (tests/conftest.py makes a fresh one per session unless EDGE_GLASS_TEST_CACHE names one
     to reuse): the conversion, the real first-load path, takes ~20-30 s on 2 cores."""
     from edge_glass.errors import ModelNotFoundError
-    from edge_glass.resolve import packaged_path
+    from edge_glass.weights.resolve import packaged_path
 
     try:
         gguf = packaged_path("SmolLM2-135M-Instruct")
     except ModelNotFoundError as exc:
         pytest.skip(str(exc))
-    from edge_glass.decoders.lm import convert_gguf
+    from edge_glass.weights.gguf import convert_gguf
 
     t0 = time.perf_counter()
     path = convert_gguf(gguf)

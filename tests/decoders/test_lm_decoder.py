@@ -9,7 +9,8 @@ import torch
 
 from edge_glass.decoders import DECODERS
 from edge_glass.decoders.generate import join_inputs, join_labels
-from edge_glass.decoders.lm import LMDecoder, LMDecoderConfig, convert_gguf, converted_dir
+from edge_glass.decoders.lm import LMDecoder, LMDecoderConfig
+from edge_glass.weights.gguf import convert_gguf, converted_dir
 from edge_glass.decoders.prompt import ChatPrompt, collate, collate_prompts
 from edge_glass.errors import ConfigError
 
@@ -126,7 +127,7 @@ def test_converted_smollm2_matches_the_gguf_weights_and_saves_plainly(smollm2_di
     from gguf.quants import dequantize
     from safetensors import safe_open
 
-    from edge_glass.resolve import packaged_path
+    from edge_glass.weights.resolve import packaged_path
 
     assert json.loads((smollm2_dir / "config.json").read_text()).get("quantization_config") is None
     assert (smollm2_dir / "chat_template.jinja").exists() or "chat_template" in (smollm2_dir / "tokenizer_config.json").read_text()
@@ -142,7 +143,7 @@ def test_converted_smollm2_matches_the_gguf_weights_and_saves_plainly(smollm2_di
 def test_an_existing_conversion_is_reused_without_loading(smollm2_dir, tmp_path, monkeypatch):
     import transformers
 
-    from edge_glass.resolve import packaged_path
+    from edge_glass.weights.resolve import packaged_path
 
     monkeypatch.setenv("EDGE_GLASS_CACHE", str(tmp_path))
     gguf = packaged_path("SmolLM2-135M-Instruct")

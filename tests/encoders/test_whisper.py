@@ -36,7 +36,7 @@ def make(**overrides) -> WhisperAudioEncoder:
 @pytest.fixture(scope="module")
 def speech() -> np.ndarray:
     """5.5 s of real speech (an Asterisk prompt, 8 kHz resampled to 16 kHz)."""
-    from edge_glass.data.audio import load_audio
+    from edge_glass.media.audio import load_audio
 
     path = data_root() / "asterisk" / "wav" / "agent-alreadyon.wav"
     if not path.is_file():

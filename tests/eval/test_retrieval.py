@@ -2,8 +2,8 @@ import torch
 import torch.nn.functional as F
 
 from edge_glass.config import config_from_dict
-from edge_glass.data.cache import FeatureTable
-from edge_glass.data.pipeline import PairedData
+from edge_glass.features.cache import FeatureTable
+from edge_glass.features.pipeline import PairedData
 from edge_glass.data.samples import Sample
 from edge_glass.eval.retrieval import format_table, recall_at_k
 from edge_glass.eval.retrieval import evaluate_retrieval

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from edge_glass.config import config_from_dict
-from edge_glass.data.cache import FeatureTable
-from edge_glass.data.pipeline import Batch, PairedData
+from edge_glass.features.cache import FeatureTable
+from edge_glass.features.pipeline import Batch, PairedData
 from edge_glass.data.samples import Sample
 from edge_glass.encoders.base import EncoderOutput
 from edge_glass.errors import ConfigError

@@ -75,6 +75,6 @@ def test_residual_poolers_start_as_a_linear_map_of_the_mean(cfg):
     pooler_cls = POOLERS.get(cfg["type"])
     pooler = pooler_cls(pooler_cls.Config(**cfg, residual=True), 16).eval()
     x = ragged_batch()
-    from edge_glass.heads.pooling import masked_mean
+    from edge_glass.tensors import masked_mean
 
     torch.testing.assert_close(pooler(x), pooler.residual.skip(masked_mean(x.tokens, x.mask)))

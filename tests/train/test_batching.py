@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from edge_glass.config import config_from_dict
-from edge_glass.data.pipeline import PairedData
+from edge_glass.features.pipeline import PairedData
 from edge_glass.data.samples import Sample
 from edge_glass.errors import ConfigError
-from edge_glass.train.data import dataset_rates
+from edge_glass.tasks.alignment import dataset_rates
 from edge_glass.train.loop import epoch_order
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from edge_glass.config import config_from_dict
-from edge_glass.data.pipeline import Batch
+from edge_glass.features.pipeline import Batch
 from edge_glass.encoders.base import EncoderOutput
 from edge_glass.losses import matryoshka_info_nce
 from edge_glass.models.alignment import AlignmentModel

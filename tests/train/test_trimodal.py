@@ -95,10 +95,10 @@ def test_test_split_metrics_cover_every_pair_and_the_fused_query(run_dir):
     assert m["n_texts"] == m["n_image+audio"] + good_prompts + 10  # FSDD's clips share the ten digit words
 
 
-def test_eval_on_fsdd_adds_zero_shot_digit_accuracy_per_speaker(run_dir, fsdd_subset, tmp_path):
+def test_eval_on_fsdd_adds_closed_set_digit_accuracy_per_speaker(run_dir, fsdd_subset, tmp_path):
     assert main(["eval", str(run_dir), "--data", f"fsdd:{fsdd_subset}", "--json", str(tmp_path / "f.json"), "--no-progress"]) == 0
     m = json.loads((tmp_path / "f.json").read_text())
-    z = m["zero_shot_digits"]
+    z = m["digits"]
     assert z["n"] == 40 and z["chance"] == 10.0 and set(z["per_speaker"]) == {"george", "jackson"}
     assert set(z["dims"]) == {"32", "16"} and z["accuracy"] == z["dims"]["32"]["accuracy"]
     assert z["accuracy"] == pytest.approx(sum(z["per_speaker"].values()) / 2)  # 20 clips per speaker

@@ -2,7 +2,7 @@ import os
 
 import pytest
 
-from edge_glass import resolve
+from edge_glass.weights import resolve
 from edge_glass.errors import ModelNotFoundError
 
 

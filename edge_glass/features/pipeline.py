@@ -17,7 +17,7 @@ import torch
 from ..encoders.base import EncoderOutput, FrozenEncoder
 from ..errors import DataError, InputError
 from .cache import FeatureCache, LiveFeatures
-from .samples import DataReport, Sample
+from ..data.samples import DataReport, Sample
 
 
 @dataclass
@@ -31,6 +31,10 @@ class Batch:
     present: dict[str, torch.Tensor]
     features: dict[str, EncoderOutput]
     keys: dict[str, torch.Tensor]
+
+    def to(self, device: torch.device | str) -> "Batch":
+        move = lambda d: {k: v.to(device) for k, v in d.items()}  # noqa: E731
+        return Batch(move(self.present), move(self.features), move(self.keys))
 
     def joint(self, a: str, b: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Samples having both a and b: (B,) bool, and (B,) content keys of the (a, b)
@@ -56,9 +60,6 @@ class PairedData:
     def select(self, keep: list[int]) -> "PairedData":
         idx = torch.tensor(keep, dtype=torch.long)
         return PairedData([self.samples[i] for i in keep], {m: r[idx] for m, r in self.rows.items()}, self.tables)
-
-    def subset_groups(self, groups: set[str]) -> "PairedData":
-        return self.select([i for i, s in enumerate(self.samples) if s.group in groups])
 
     def batch(self, idx: torch.Tensor) -> Batch:
         present, feats, keys = {}, {}, {}

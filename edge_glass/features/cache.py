@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from ..encoders.base import EncoderOutput, FrozenEncoder
 from ..errors import InputError
+from ..paths import cache_root
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -56,10 +57,9 @@ class FeatureTable:
     def from_outputs(outs: list[EncoderOutput], dtype: torch.dtype) -> "FeatureTable":
         toks, lens, pooled = [], [], []
         for o in outs:
-            n = o.mask.sum(1)
-            toks.append(o.tokens[o.mask].to(dtype))
-            lens.append(n)
-            pooled.append(o.pooled.to(dtype))
+            toks.append(o.tokens[o.mask].to("cpu", dtype))
+            lens.append(o.mask.sum(1).cpu())
+            pooled.append(o.pooled.to("cpu", dtype))
         return FeatureTable(torch.cat(toks), torch.cat(lens), torch.cat(pooled))
 
 
@@ -176,3 +176,10 @@ class FeatureCache:
         if pooled is None:
             raise ValueError("FeatureCache.load: no keys given")
         return FeatureTable(torch.cat(pieces), lengths, pooled)  # type: ignore[arg-type]
+
+
+def feature_cache_dir(cfg) -> Path | None:
+    """Where a config's features are cached (``cache.dir``, default $EDGE_GLASS_CACHE/features); None when off."""
+    if not cfg.cache.enabled:
+        return None
+    return Path(cfg.cache.dir).expanduser() if cfg.cache.dir else cache_root() / "features"

@@ -13,11 +13,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from edge_glass.convert.ctranslate2 import (
+from edge_glass.weights.ctranslate2 import (
     converted_dir, ct2_source, load_whisper, read_ctranslate2, read_whisper_config, transcribe,
     whisper_from_ctranslate2,
 )
-from edge_glass.data.audio import load_audio
+from edge_glass.media.audio import load_audio
 from edge_glass.errors import ModelNotFoundError
 from edge_glass.paths import data_root
 
@@ -127,7 +127,7 @@ def _write_ct2(path, variables: dict[str, tuple[int, tuple[int, ...], bytes]], a
 
 
 def test_reader_widens_bfloat16_dequantizes_int8_and_resolves_aliases(tmp_path):
-    from edge_glass.convert.ctranslate2 import dense
+    from edge_glass.weights.ctranslate2 import dense
 
     values = np.array([[1.5, -2.0], [0.25, 3.0]], np.float32)
     bf16 = (values.view(np.uint32) >> 16).astype("<u2").tobytes()

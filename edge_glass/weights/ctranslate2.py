@@ -40,7 +40,7 @@ from typing import Iterable
 import numpy as np
 import torch
 
-from .. import resolve
+from . import resolve
 from ..errors import ModelNotFoundError
 from ..paths import cache_root
 

@@ -2,8 +2,8 @@ import shutil
 
 import torch
 
-from edge_glass.data.cache import FeatureCache
-from edge_glass.data.pipeline import build_paired_data
+from edge_glass.features.cache import FeatureCache
+from edge_glass.features.pipeline import build_paired_data
 from edge_glass.data.samples import DataReport, Sample
 from edge_glass.encoders.efficientnet import EfficientNetLiteConfig, EfficientNetLiteEncoder
 from edge_glass.encoders.text import SentenceTransformerConfig, SentenceTransformerEncoder

@@ -19,8 +19,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import ModelNotFoundError
-from .paths import cache_root
+from ..errors import ModelNotFoundError
+from ..paths import cache_root
 
 
 @dataclass(frozen=True)

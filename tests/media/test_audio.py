@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from edge_glass.data.audio import load_audio
+from edge_glass.media.audio import load_audio
 from edge_glass.errors import InputError
 from edge_glass.paths import data_root
 
