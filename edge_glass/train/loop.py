@@ -32,6 +32,11 @@ def make_accelerator(tcfg, find_unused_parameters: bool = False):
     if tcfg.device == "cuda" and not torch.cuda.is_available():
         raise EdgeGlassError("train.device: cuda, but no CUDA GPU is available (torch.cuda.is_available() is False); use auto or cpu")
     cpu = tcfg.device == "cpu" or (tcfg.device == "auto" and not torch.cuda.is_available())
+    from accelerate.state import AcceleratorState
+
+    shared = AcceleratorState._shared_state
+    if shared and shared.get("num_processes", 1) == 1 and (shared.get("_mixed_precision") != tcfg.mixed_precision or shared.get("_cpu", cpu) != cpu):
+        AcceleratorState._reset_state()  # an earlier run in this process (ablation variant, notebook) set other options
     ddp = DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)
     return Accelerator(cpu=cpu, mixed_precision=tcfg.mixed_precision, kwargs_handlers=[ddp])
 
