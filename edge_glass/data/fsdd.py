@@ -1,4 +1,8 @@
-"""Free Spoken Digit Dataset reader (spec ``fsdd:DIR``, DIR = the dataset or its recordings/).
+"""Free Spoken Digit Dataset readers.
+
+    fsdd:DIR                   DIR = the dataset or its recordings/; official split (test = takes 0-4)
+    fsdd-holdout:SPEAKER:DIR   every clip of SPEAKER is test, every clip of the others is train/val:
+                               accuracy on a voice never heard in training
 
 Recordings are ``{digit}_{speaker}_{take}.wav`` (8 kHz mono); each becomes an audio-text sample
 whose text is the digit word ("zero" .. "nine") and whose group is the file name. Takes 0-4 are
@@ -13,6 +17,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from ..errors import DataError
+from ..paths import resolve_data_path
 from .formats import dataset_format
 from .samples import DataReport, Sample
 
@@ -33,8 +38,7 @@ def parse_recording(name: str) -> Recording | None:
     return Recording(int(m[1]), m[2], int(m[3])) if m else None
 
 
-@dataset_format("fsdd")
-def read_fsdd(root: Path, report: DataReport) -> list[Sample]:
+def _recordings(root: Path, report: DataReport) -> list[tuple[Recording, Path]]:
     folder = root / "recordings" if (root / "recordings").is_dir() else root
     if not folder.is_dir():
         raise DataError(f"fsdd:{root}: expected a directory of {{digit}}_{{speaker}}_{{take}}.wav recordings")
@@ -46,5 +50,26 @@ def read_fsdd(root: Path, report: DataReport) -> list[Sample]:
         else:
             found.append((rec, f))
     found.sort(key=lambda rf: (rf[0].take, rf[0].speaker, rf[0].digit))
-    return [Sample(group=f.name, source=str(f), audio=str(f), text=DIGIT_WORDS[rec.digit],
-                   split="test" if rec.take in TEST_TAKES else None) for rec, f in found]
+    return found
+
+
+def _sample(rec: Recording, f: Path, split: str | None) -> Sample:
+    return Sample(group=f.name, source=str(f), audio=str(f), text=DIGIT_WORDS[rec.digit], split=split)
+
+
+@dataset_format("fsdd")
+def read_fsdd(root: Path, report: DataReport) -> list[Sample]:
+    return [_sample(rec, f, "test" if rec.take in TEST_TAKES else None) for rec, f in _recordings(root, report)]
+
+
+@dataset_format("fsdd-holdout", over_spec=True)
+def read_fsdd_holdout(spec: str, report: DataReport) -> list[Sample]:
+    speaker, sep, where = spec.partition(":")
+    if not sep or not speaker or not where:
+        raise DataError(f"fsdd-holdout:{spec}: expected fsdd-holdout:SPEAKER:DIR")
+    root = resolve_data_path(where)
+    found = _recordings(root, report)
+    speakers = sorted({rec.speaker for rec, _ in found})
+    if speaker not in speakers:
+        raise DataError(f"fsdd-holdout:{spec}: no speaker {speaker!r} in {root} (speakers: {', '.join(speakers)})")
+    return [_sample(rec, f, "test" if rec.speaker == speaker else None) for rec, f in found]

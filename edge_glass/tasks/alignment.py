@@ -231,7 +231,7 @@ class AlignmentTask(Task):
         else:
             data = heldout_data(model, "test", report, progress)
         result = evaluate_retrieval(model.core, data, cfg.eval.ks, cfg.eval.batch_size, dims=cfg.eval.dims)
-        if spec and parse_spec(spec)[0] == "fsdd" and {"audio", "text"} <= set(model.encoders):
+        if spec and parse_spec(spec)[0].startswith("fsdd") and {"audio", "text"} <= set(model.encoders):
             result["digits"] = spoken_digit_accuracy(model, data)
         return result
 

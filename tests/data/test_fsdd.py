@@ -68,3 +68,16 @@ def test_evaluation_takes_a_datasets_own_test_split(fsdd_subset):
     assert len(held) == 40 and all(parse_recording(s.group).take < 5 for s in held)
     plain = [Sample(group="g", source="", audio="a", text="t")]
     assert evaluation_samples(plain) == plain
+
+
+def test_holdout_speaker_spec_puts_every_clip_of_that_speaker_in_test_and_none_of_the_others(fsdd_subset):
+    from edge_glass.data.formats import read_dataset
+    from edge_glass.data.fsdd import parse_recording
+    from edge_glass.errors import DataError
+
+    samples = read_dataset(f"fsdd-holdout:jackson:{fsdd_subset}")
+    by = {(parse_recording(s.group).speaker, s.split) for s in samples}
+    assert by == {("jackson", "test"), ("george", None)}  # george's official test takes are trainable here
+    assert sum(s.split == "test" for s in samples) == 40
+    with pytest.raises(DataError, match="no speaker 'nobody'"):
+        read_dataset(f"fsdd-holdout:nobody:{fsdd_subset}")
