@@ -7,10 +7,10 @@ cd "$(dirname "$0")/.."
 OUT=${1:-runs/bf16_vs_fp32}
 T="--set train.threads=${2:-2}"
 SHORT="--set data.max_samples=10000 --set train.epochs=3 --set train.warmup=100"
-TINY='--set decoder={type: tiny, d_model: 128, n_layers: 2, n_heads: 4} --set train.lr=1.0e-3'
+TINY=(--set "decoder={type: tiny, d_model: 128, n_layers: 2, n_heads: 4}" --set train.lr=1.0e-3)
 for mp in no bf16; do
   python benchmarks/seeds.py configs/quickstart.yaml --seeds 0 --out "$OUT/quickstart_$mp" $T --set train.mixed_precision=$mp
   python benchmarks/seeds.py configs/trimodal.yaml --seeds 0 --out "$OUT/trimodal_$mp" $T --set train.mixed_precision=$mp
   python benchmarks/seeds.py configs/trm_easy_vqa.yaml --seeds 0 --out "$OUT/trm_short_$mp" $T $SHORT --set train.mixed_precision=$mp
-  python benchmarks/seeds.py configs/trm_easy_vqa.yaml --seeds 0 --out "$OUT/tiny_short_$mp" $T $SHORT $TINY --set train.mixed_precision=$mp
+  python benchmarks/seeds.py configs/trm_easy_vqa.yaml --seeds 0 --out "$OUT/tiny_short_$mp" $T $SHORT "${TINY[@]}" --set train.mixed_precision=$mp
 done

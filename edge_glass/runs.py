@@ -21,9 +21,9 @@ from typing import Any
 
 import yaml
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
-from .atomic import atomic_path, atomic_write_json, atomic_write_text
+from .atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
 from .config import config_from_dict, dump_config
 from .errors import EdgeGlassError
 
@@ -39,9 +39,14 @@ class RunDir:
         done = sorted(p for p in (self.path / "checkpoints").glob("step-*") if (p / "state.json").is_file())
         return done[-1] if done else None
 
-    def _recovery_hint(self) -> str:
+    def _recovery_hint(self, name: str = "model.safetensors") -> str:
+        """How to rebuild ``name`` when it is damaged: resuming a run (even a finished one) from its
+        last checkpoint rewrites its weights and reports."""
         ckpt = self.latest_checkpoint()
-        return f"; the last checkpoint {ckpt} still holds a copy (resume with --resume, or copy its files here)" if ckpt else ""
+        if name != "model.safetensors" or ckpt is None or not self.file("config.yaml").is_file():
+            return ""
+        return (f"; rebuild it from the last checkpoint {ckpt} with: "
+                f"edge-glass train {self.file('config.yaml')} --out {self.path} --resume")
 
     # config
     def write_config(self, cfg: Any) -> None:
@@ -55,9 +60,10 @@ class RunDir:
             data = yaml.safe_load(f.read_text(encoding="utf-8"))
         except (yaml.YAMLError, UnicodeDecodeError) as exc:
             raise EdgeGlassError(f"{f}: corrupt run config ({type(exc).__name__}); restore it from the config you trained with "
-                                 f"(edge-glass info CONFIG prints the resolved form){self._recovery_hint()}") from None
+                                 "(edge-glass info CONFIG prints the resolved form)") from None
         if not isinstance(data, dict):
-            raise EdgeGlassError(f"{f}: corrupt run config (not a mapping of keys){self._recovery_hint()}")
+            raise EdgeGlassError(f"{f}: corrupt run config (not a mapping of keys); restore it from the config you trained with "
+                                 "(edge-glass info CONFIG prints the resolved form)")
         return config_from_dict(data, str(f))
 
     # json side files
@@ -75,14 +81,13 @@ class RunDir:
 
     # weights
     def save_weights(self, state: dict, name: str = "model.safetensors") -> None:
-        with atomic_path(self.file(name)) as tmp:
-            save_file(tensors_for_saving(state), str(tmp))
+        atomic_write_bytes(self.file(name), safetensors_bytes(state))
 
     def load_weights(self, name: str = "model.safetensors") -> dict:
         f = self.file(name)
         if not f.is_file():
-            raise EdgeGlassError(f"{f}: missing (training did not finish? resume it with --resume){self._recovery_hint()}")
-        return read_safetensors(f, self._recovery_hint())
+            raise EdgeGlassError(f"{f}: missing (training did not finish? resume it with --resume){self._recovery_hint(name)}")
+        return read_safetensors(f, self._recovery_hint(name))
 
     def load_state_into(self, module, name: str = "model.safetensors") -> None:
         """Load the run's weights into ``module``, strictly; a mismatch names the file and keys."""
@@ -94,13 +99,23 @@ class RunDir:
 
 
 def read_safetensors(path: Path, hint: str = "") -> dict:
-    """A safetensors file's tensors; an empty, truncated or foreign file raises an error naming it."""
-    if path.stat().st_size == 0:
-        raise EdgeGlassError(f"{path}: empty file (the write was interrupted?){hint}")
+    """A safetensors file's tensors; a missing, empty, truncated or foreign file raises an error naming it."""
     try:
+        if path.stat().st_size == 0:
+            raise EdgeGlassError(f"{path}: empty file (the write was interrupted?){hint}")
         return load_file(str(path))
+    except FileNotFoundError:
+        raise EdgeGlassError(f"{path}: missing{hint}") from None
     except (SafetensorError, OSError, ValueError) as exc:
-        raise EdgeGlassError(f"{path}: not a readable safetensors file, truncated or corrupt ({exc}){hint}") from None
+        reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        raise EdgeGlassError(f"{path}: not a readable safetensors file, truncated or corrupt ({reason}){hint}") from None
+
+
+def safetensors_bytes(state: dict, metadata: dict[str, str] | None = None) -> bytes:
+    """A state dict serialised in memory, so that writing it to disk is plain file I/O: a full or
+    read-only disk then raises OSError with its errno (safetensors' own writer raises an opaque
+    SafetensorError instead)."""
+    return save(tensors_for_saving(state), metadata)
 
 
 def tensors_for_saving(state: dict) -> dict:

@@ -4,7 +4,8 @@
     flickr8k:DIR    DIR/captions.txt with header ``image,caption`` + DIR/images/
     jsonl:FILE      one object per line with any of ``image``, ``audio``, ``text`` (paths relative to FILE),
                     optionally ``group``
-    parquet:FILE    PixMo-style table: an image column (path, bytes or URL) and a caption column
+    parquet:FILE    PixMo-style table: an image column (path, bytes or URL) and a caption column;
+                    URLs are downloaded in parallel into the cache (download.py: retries, settings)
     fsdd:DIR        Free Spoken Digit Dataset recordings (fsdd.py)
     spoken:SPEC     another dataset's captions spoken by espeak-ng voices, cached (speech.py);
                     spoken:K:SPEC speaks each caption with K voices
@@ -15,16 +16,18 @@ line) are skipped and recorded in the DataReport with their source; the run goes
 """
 from __future__ import annotations
 
+import codecs
 import csv
 import hashlib
 import io
 import json
-import urllib.request
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, NamedTuple
 
 from ..errors import DataError
-from ..paths import cache_root, resolve_data_path
+from ..paths import resolve_data_path
+from .download import UrlFetcher
 from .samples import DataReport, Sample
 
 Reader = Callable[[Path, DataReport], list[Sample]]
@@ -148,22 +151,46 @@ def read_flickr8k(root: Path, report: DataReport) -> list[Sample]:
     return out
 
 
+class BadLine(NamedTuple):
+    reason: str
+    input: str  # the line's start, undecodable bytes escaped
+
+
+def utf8_lines(path: Path) -> Iterator[tuple[int, str | None, BadLine | None]]:
+    """``(line number, text, None)`` for each line of a UTF-8 file (a leading BOM dropped), or
+    ``(line number, None, BadLine)`` for a line that is not valid UTF-8; other lines are unaffected."""
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, start=1):
+            raw = raw.rstrip(b"\r\n")
+            if n == 1 and raw.startswith(codecs.BOM_UTF8):
+                raw = raw[len(codecs.BOM_UTF8):]
+            try:
+                yield n, raw.decode("utf-8"), None
+            except UnicodeDecodeError as exc:
+                reason = f"not UTF-8 (byte 0x{raw[exc.start]:02x} at byte {exc.start + 1} of the line)"
+                yield n, None, BadLine(reason, raw[:80].decode("utf-8", "backslashreplace"))
+
+
 @dataset_format("jsonl")
 def read_jsonl(path: Path, report: DataReport) -> list[Sample]:
     if path.is_dir():
         raise DataError(f"jsonl:{path}: expected a .jsonl file, got a directory")
     base = path.parent
     out: list[Sample] = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for n, line, bad in utf8_lines(path):
+        source = f"{path}:{n}"
+        if line is None:
+            report.skip(source, bad.reason, bad.input)
+            continue
         if not line.strip():
             continue
-        source = f"{path}:{n}"
         try:
             row = json.loads(line)
-            if not isinstance(row, dict):
-                raise ValueError("not an object")
         except ValueError as exc:
             report.skip(source, f"bad JSON line ({exc})")
+            continue
+        if not isinstance(row, dict):
+            report.skip(source, "bad JSON line (not an object)")
             continue
         text = row.get("text", row.get("caption"))
         fields: dict[str, object] = {}
@@ -194,11 +221,11 @@ CAPTION_COLUMNS = ("caption", "text", "caption_text", "description")
 
 @dataset_format("parquet")
 def read_parquet(path: Path, report: DataReport) -> list[Sample]:
+    """Rows in table order; image URLs are first downloaded together, in parallel (download.py)."""
     import pyarrow.parquet as pq
 
     files = sorted(path.glob("*.parquet")) if path.is_dir() else [path]
-    out: list[Sample] = []
-    fetcher = UrlFetcher()
+    rows: list[tuple[Path, int, Any, Any]] = []
     for file in files:
         table = pq.read_table(file)
         cols = table.column_names
@@ -207,61 +234,40 @@ def read_parquet(path: Path, report: DataReport) -> list[Sample]:
         if img_col is None or cap_col is None:
             raise DataError(f"{file}: need an image column ({'/'.join(IMAGE_COLUMNS)}) and a caption column ({'/'.join(CAPTION_COLUMNS)}); found {cols}")
         for i, (img, cap) in enumerate(zip(table.column(img_col).to_pylist(), table.column(cap_col).to_pylist())):
-            source = f"{file} row {i}"
             if isinstance(img, dict):  # Hugging Face datasets Image feature: {"bytes", "path"}
                 img = img.get("bytes") or img.get("path")
-            if isinstance(img, (bytes, bytearray)):
-                text = clean_text(cap)
-                if not text:
-                    report.skip(source, "empty caption")
-                elif not img:
-                    report.skip(source, "empty image bytes")
-                else:
-                    out.append(Sample(group=hashlib.sha1(img).hexdigest(), source=source, image=bytes(img), text=text))
-                continue
-            if not isinstance(img, str) or not img:
-                report.skip(source, "no image value")
-                continue
-            if img.startswith(("http://", "https://")):
-                local, reason = fetcher.get(img)
-                if local is None:
-                    report.skip(source, reason, img)
-                    continue
-                _add_pair(out, report, source, local, cap, group=img)
+            rows.append((file, i, img, cap))
+    urls = [img for _, _, img, cap in rows if _is_url(img) and clean_text(cap)]
+    fetched = UrlFetcher.from_env().fetch_all(urls) if urls else {}
+    out: list[Sample] = []
+    for file, i, img, cap in rows:
+        source = f"{file} row {i}"
+        if isinstance(img, (bytes, bytearray)):
+            text = clean_text(cap)
+            if not text:
+                report.skip(source, "empty caption")
+            elif not img:
+                report.skip(source, "empty image bytes")
             else:
-                p = Path(img)
-                _add_pair(out, report, source, p if p.is_absolute() else file.parent / p, cap, group=img)
+                out.append(Sample(group=hashlib.sha1(img).hexdigest(), source=source, image=bytes(img), text=text))
+        elif not isinstance(img, str) or not img:
+            report.skip(source, "no image value")
+        elif _is_url(img):
+            local, reason = fetched.get(img, (None, ""))
+            if not clean_text(cap):
+                report.skip(source, "empty caption", img)
+            elif local is None:
+                report.skip(source, reason, img)
+            else:
+                _add_pair(out, report, source, local, cap, group=img)
+        else:
+            p = Path(img)
+            _add_pair(out, report, source, p if p.is_absolute() else file.parent / p, cap, group=img)
     return out
 
 
-class UrlFetcher:
-    """Downloads image URLs once into the cache. Offline, it stops trying after a few failures
-    and every URL is skipped with a reason that says so."""
-
-    def __init__(self, timeout: float = 10.0, give_up_after: int = 3):
-        self.dir = cache_root() / "downloads"
-        self.timeout = timeout
-        self.give_up_after = give_up_after
-        self.failures = 0
-
-    def get(self, url: str) -> tuple[Path | None, str]:
-        dest = self.dir / (hashlib.sha1(url.encode()).hexdigest() + Path(url.split("?")[0]).suffix[:5])
-        if dest.is_file():
-            return dest, ""
-        if self.failures >= self.give_up_after:
-            return None, "image URL not downloaded: the network is unreachable (offline?); pre-download images and use local paths"
-        try:
-            with urllib.request.urlopen(url, timeout=self.timeout) as resp:
-                data = resp.read()
-        except Exception as exc:  # URLError, timeout, HTTP errors
-            self.failures += 1
-            return None, f"image URL could not be downloaded (offline?) ({type(exc).__name__}: {exc})"
-        self.failures = 0
-        self.dir.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_suffix(".part")
-        tmp.write_bytes(data)
-        tmp.replace(dest)
-        return dest, ""
+def _is_url(value: object) -> bool:
+    return isinstance(value, str) and value.startswith(("http://", "https://"))
 
 
-from . import fsdd, speech  # noqa: E402,F401  (register the fsdd and spoken formats)
+from . import fsdd, speech  # noqa: F401  (register the fsdd and spoken formats)

@@ -13,12 +13,14 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from ..errors import DataError
 from ..paths import resolve_data_path
+from .formats import utf8_lines
 from .samples import Skipped
 
 DESCRIBE = "Describe this image."
@@ -68,7 +70,7 @@ def easy_vqa_dir() -> Path:
     spec = importlib.util.find_spec("easy_vqa")
     if spec is None or not spec.submodule_search_locations:
         raise DataError("easy-VQA is not installed: pip install easy-vqa")
-    root = Path(list(spec.submodule_search_locations)[0]) / "data"
+    root = Path(next(iter(spec.submodule_search_locations))) / "data"
     if not (root / "answers.txt").is_file():
         raise DataError(f"easy-VQA data not found under {root} (reinstall: pip install --force-reinstall easy-vqa)")
     return root
@@ -141,26 +143,28 @@ def read_qa_jsonl(path: str | os.PathLike, split: str | None = None, default_spl
     samples: list[QASample] = []
     skipped: list[Skipped] = []
     exists: dict[Path, bool] = {}
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            source = f"{Path(path).name}:{lineno}"
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                skipped.append(Skipped(source, f"invalid JSON ({exc.msg})"))
-                continue
-            if not isinstance(row, dict):
-                skipped.append(Skipped(source, "line is not a JSON object"))
-                continue
-            row_split = _text(row.get("split")) or default_split
-            if split is not None and row_split != split:
-                continue
-            image = _image_path(row.get("image"), base, root, exists)
-            sample = _make(image, row.get("question"), row.get("answer"), row_split, source, skipped, exists)
-            if sample:
-                samples.append(sample)
+    for lineno, line, bad in utf8_lines(Path(path)):
+        source = f"{Path(path).name}:{lineno}"
+        if line is None:
+            skipped.append(Skipped(source, bad.reason, bad.input))
+            continue
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            skipped.append(Skipped(source, f"invalid JSON ({exc.msg})"))
+            continue
+        if not isinstance(row, dict):
+            skipped.append(Skipped(source, "line is not a JSON object"))
+            continue
+        row_split = _text(row.get("split")) or default_split
+        if split is not None and row_split != split:
+            continue
+        image = _image_path(row.get("image"), base, root, exists)
+        sample = _make(image, row.get("question"), row.get("answer"), row_split, source, skipped, exists)
+        if sample:
+            samples.append(sample)
     return samples, skipped
 
 

@@ -2,18 +2,23 @@
 from __future__ import annotations
 
 from abc import abstractmethod
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
+from pydantic import Field
 
 from ..media.images import describe_image, image_bytes, open_image
 from ..media.transforms import image_to_tensor
 from .base import EncoderConfig, FrozenEncoder, digest_bytes
 
+Channel = Annotated[int, Field(ge=0, le=255)]
+
 
 class ImageEncoderConfig(EncoderConfig):
     image_size: int | None = None  # None: the backbone's native resolution
     resize: Literal["center_crop", "squash"] = "center_crop"
+    background: tuple[Channel, Channel, Channel] = Field(
+        (255, 255, 255), description="RGB colour that transparent pixels are composited onto")
 
 
 class ImageEncoder(FrozenEncoder):
@@ -31,11 +36,12 @@ class ImageEncoder(FrozenEncoder):
 
     def preprocessing(self) -> dict[str, Any]:
         mean, std = self.normalisation()
-        return {"size": self.input_size(), "resize": self.cfg.resize, "mean": mean, "std": std}
+        return {"size": self.input_size(), "resize": self.cfg.resize, "mean": mean, "std": std,
+                "background": list(self.cfg.background)}
 
     def prepare(self, item: Any) -> torch.Tensor:
         mean, std = self.normalisation()
-        return image_to_tensor(open_image(item), self.input_size(), mean, std, self.cfg.resize)
+        return image_to_tensor(open_image(item, self.cfg.background), self.input_size(), mean, std, self.cfg.resize)
 
     def collate(self, prepared: list[torch.Tensor]) -> torch.Tensor:
         return torch.stack(prepared)

@@ -10,7 +10,9 @@ Everything loads with ``torch.load(weights_only=True)``: a checkpoint cannot run
 """
 from __future__ import annotations
 
+import io
 import json
+import os
 import random
 import shutil
 from pathlib import Path
@@ -18,11 +20,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
 
 from ..atomic import atomic_write_text, fsync_path, write_error
 from ..errors import EdgeGlassError
-from ..runs import read_safetensors, tensors_for_saving
+from ..runs import read_safetensors, safetensors_bytes
 
 
 def rng_state() -> dict[str, Any]:
@@ -47,6 +48,21 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def torch_bytes(obj: Any) -> bytes:
+    """``torch.save`` into memory: written to disk with plain file I/O, a full disk raises
+    OSError(ENOSPC) (torch.save to a path raises an opaque RuntimeError instead)."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def _write(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def _load(path: Path) -> Any:
     try:
         return torch.load(path, weights_only=True, map_location="cpu")
@@ -69,22 +85,26 @@ class Checkpointer:
         the model state to keep (frozen parts that are reloaded from their source may be left out)."""
         final = self.dir / f"step-{step:08d}"
         tmp = self.dir / f".tmp-step-{step:08d}"
+        own = tmp / f"rng-{self.rank}.pt"
         try:
             if self.rank == 0:
                 shutil.rmtree(tmp, ignore_errors=True)
                 tmp.mkdir(parents=True)
             self.barrier()
-            torch.save(rng_state(), tmp / f"rng-{self.rank}.pt")
+            _write(own, torch_bytes(rng_state()))
             if self.rank == 0:
-                save_file(tensors_for_saving(weights), str(tmp / "model.safetensors"))
-                torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-                torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-                (tmp / "state.json").write_text(json.dumps({**state, "step": step}))
-            for f in tmp.glob(f"*{self.rank}.pt" if self.rank else "*"):
-                fsync_path(f)
-        except OSError as exc:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise write_error(tmp, exc) from None
+                _write(tmp / "model.safetensors", safetensors_bytes(weights))
+                _write(tmp / "optimizer.pt", torch_bytes(optimizer.state_dict()))
+                _write(tmp / "scheduler.pt", torch_bytes(scheduler.state_dict()))
+                _write(tmp / "state.json", json.dumps({**state, "step": step}).encode())
+        except BaseException as exc:
+            if self.rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                own.unlink(missing_ok=True)
+            if isinstance(exc, OSError):
+                raise write_error(final, exc) from None
+            raise
         self.barrier()
         if self.rank == 0:
             fsync_path(tmp)
@@ -116,4 +136,7 @@ class Checkpointer:
         rng_file = path / f"rng-{self.rank}.pt"
         if rng_file.exists():
             set_rng_state(_load(rng_file))
-        return json.loads((path / "state.json").read_text())
+        try:
+            return json.loads((path / "state.json").read_text())
+        except (OSError, ValueError) as exc:
+            raise EdgeGlassError(f"{path / 'state.json'}: cannot be read ({type(exc).__name__}: {exc})") from None

@@ -5,7 +5,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..atomic import atomic_write_text
+from ..atomic import atomic_write_text, write_error
 
 
 def parse_line(text: str) -> dict[str, Any] | None:
@@ -34,10 +34,11 @@ class MetricsLogger:
         if not enabled:
             return
         if resume_step is not None and self.path.exists():
-            # a resumed run repeats the steps after its checkpoint: drop their old lines (and a
-            # line torn by the kill: it is not JSON)
+            # a resumed run repeats the steps after its checkpoint: drop their old lines, a line
+            # torn by the kill (it is not JSON) and the test line of a finished run (a resumed
+            # run evaluates again and logs it again)
             kept = [line for line in (parse_line(l) for l in self.path.read_text(encoding="utf-8", errors="replace").splitlines())
-                    if line is not None and line.get("step", 0) <= resume_step]
+                    if line is not None and line.get("step", 0) <= resume_step and line.get("kind") != "test"]
             atomic_write_text(self.path, "".join(json.dumps(line) + "\n" for line in kept))
         try:
             from torch.utils.tensorboard import SummaryWriter
@@ -49,8 +50,11 @@ class MetricsLogger:
     def log(self, step: int, kind: str, values: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        with open(self.path, "a") as f:
-            f.write(json.dumps({"step": step, "kind": kind, **values}) + "\n")
+        try:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps({"step": step, "kind": kind, **values}) + "\n")
+        except OSError as exc:
+            raise write_error(self.path, exc) from None
         if self.tb is not None:
             for k, v in flatten(kind, values).items():
                 self.tb.add_scalar(k, v, step)

@@ -55,7 +55,7 @@ def test_flickr8k_requires_its_header(tmp_path, data_root):
 
 
 def test_jsonl_paths_are_relative_to_the_file_and_bad_lines_are_skipped(tmp_path, data_root):
-    src = sorted((data_root / "coco1k" / "images").iterdir())[0]
+    src = min((data_root / "coco1k" / "images").iterdir())
     (tmp_path / "img").mkdir()
     shutil.copy(src, tmp_path / "img" / "a.jpg")
     lines = [json.dumps({"image": "img/a.jpg", "text": "a photo  "}), "{not json", json.dumps({"image": "img/a.jpg", "text": ""}),
@@ -66,6 +66,24 @@ def test_jsonl_paths_are_relative_to_the_file_and_bad_lines_are_skipped(tmp_path
     assert len(samples) == 1 and samples[0].image == str(tmp_path / "img" / "a.jpg") and samples[0].text == "a photo"
     reasons = sorted(s.reason.split(" (")[0] for s in report.skipped)
     assert reasons == ["bad JSON line", "empty caption", "image file not found", "needs at least two of image, audio, text"]
+
+
+def test_jsonl_line_that_is_not_utf8_is_skipped_with_its_line_and_byte(tmp_path, data_root):
+    src = min((data_root / "coco1k" / "images").iterdir())
+    shutil.copy(src, tmp_path / "a.jpg")
+
+    def line(text: str) -> bytes:
+        return json.dumps({"image": "a.jpg", "text": text}, ensure_ascii=False).encode()
+
+    data = b"\xef\xbb\xbf" + line("na\u00efve caf\u00e9") + b"\n" + line("x").replace(b"x", b"\xff\xfe") + b"\n" + line("last")
+    (tmp_path / "d.jsonl").write_bytes(data)
+    report = DataReport()
+    samples = read_dataset(f"jsonl:{tmp_path / 'd.jsonl'}", report)
+    assert [s.text for s in samples] == ["na\u00efve caf\u00e9", "last"]
+    assert [s.source for s in samples] == [f"{tmp_path / 'd.jsonl'}:1", f"{tmp_path / 'd.jsonl'}:3"]
+    [bad] = report.skipped
+    assert bad.source == f"{tmp_path / 'd.jsonl'}:2" and bad.reason.startswith("not UTF-8 (byte 0xff")
+    assert report.read[f"jsonl:{tmp_path / 'd.jsonl'}"] == 3
 
 
 def test_pixmo_style_parquet_with_bytes_paths_and_offline_urls(tmp_path, data_root):

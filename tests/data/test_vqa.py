@@ -9,11 +9,17 @@ from pathlib import Path
 
 import pytest
 
+from edge_glass.data.qa import qa_splits
 from edge_glass.data.vqa import (
-    DESCRIBE, QASample, captions_as_qa, easy_vqa_answers, easy_vqa_dir, read_coco_captions_qa, read_easy_vqa,
+    DESCRIBE,
+    QASample,
+    captions_as_qa,
+    easy_vqa_answers,
+    easy_vqa_dir,
+    read_coco_captions_qa,
+    read_easy_vqa,
     read_qa_jsonl,
 )
-from edge_glass.data.qa import qa_splits
 from edge_glass.errors import DataError
 from edge_glass.paths import data_root
 
@@ -115,6 +121,19 @@ def test_jsonl_bad_rows_are_skipped_and_counted(tmp_path, coco1k):
     ]
     with pytest.raises(DataError, match="not found"):
         read_qa_jsonl(tmp_path / "nope.jsonl")
+
+
+def test_jsonl_line_that_is_not_utf8_is_skipped_and_the_rest_kept(tmp_path, coco1k):
+    image = next((coco1k / "images").iterdir())
+    good = [json.dumps({"image": str(image), "question": q, "answer": "yes"}, ensure_ascii=False).encode()
+            for q in ("Is it caf\u00e9?", "Is it red?")]
+    bad = b'{"image": "x.jpg", "question": "caf\xe9?", "answer": "no"}'  # Latin-1, not UTF-8
+    path = tmp_path / "qa.jsonl"
+    path.write_bytes(b"\r\n".join([good[0], bad, good[1]]) + b"\r\n")
+    samples, skipped = read_qa_jsonl(path)
+    assert [(s.question, s.source) for s in samples] == [("Is it caf\u00e9?", "qa.jsonl:1"), ("Is it red?", "qa.jsonl:3")]
+    assert [(s.source, s.reason) for s in skipped] == [("qa.jsonl:2", f"not UTF-8 (byte 0xe9 at byte {bad.index(0xe9) + 1} of the line)")]
+    assert "caf\\xe9" in skipped[0].input
 
 
 def test_coco_captions_become_describe_questions(coco1k):
