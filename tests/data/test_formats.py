@@ -86,7 +86,8 @@ def test_jsonl_line_that_is_not_utf8_is_skipped_with_its_line_and_byte(tmp_path,
     assert report.read[f"jsonl:{tmp_path / 'd.jsonl'}"] == 3
 
 
-def test_pixmo_style_parquet_with_bytes_paths_and_offline_urls(tmp_path, data_root):
+def test_pixmo_style_parquet_with_bytes_paths_and_unreachable_urls(tmp_path, data_root, monkeypatch):
+    monkeypatch.setenv("EDGE_GLASS_DOWNLOAD_BACKOFF", "0.01")
     src = sorted((data_root / "coco1k" / "images").iterdir())[:2]
     shutil.copy(src[1], tmp_path / "local.jpg")
     table = pa.table({
@@ -102,7 +103,8 @@ def test_pixmo_style_parquet_with_bytes_paths_and_offline_urls(tmp_path, data_ro
     report = DataReport()
     samples = read_dataset(f"parquet:{tmp_path / 'urls.parquet'}", report)
     assert [s.text for s in samples] == ["a local file"]
-    assert len(report.skipped) == 2 and all("offline" in s.reason for s in report.skipped)
+    assert [s.reason for s in report.skipped] == ["image URL failed: connection refused after 3 tries"] * 2
+    assert [s.input for s in report.skipped] == ["http://127.0.0.1:9/a.jpg", "https://127.0.0.1:9/b.jpg"]
 
 
 def test_unknown_format_and_missing_path_are_clear_errors(tmp_path):
