@@ -1,7 +1,12 @@
-"""The one interface every frozen backbone implements.
+"""The interfaces encoders implement: frozen (pretrained, cached) and trainable.
 
     item (path | bytes | str | PIL image ...) --prepare--> tensor/object --collate--> batch
     batch --forward--> EncoderOutput(tokens (B, T, D), mask (B, T) bool, pooled (B, D))
+
+FrozenEncoder: weights never change, so outputs are computed once into the feature cache and a
+model trains on cached features. TrainableEncoder: weights train with the model (from scratch,
+or initialised from a backbone), so the data pipeline keeps prepared inputs and the model runs
+the encoder under autograd on every batch.
 
 Encoders are constructed cheaply (config + resolved weight paths) and load their weights on
 first use, so a run whose features are all in the cache never loads a backbone. ``fingerprint``
@@ -13,7 +18,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 import hashlib
 import json
-from typing import Any, ClassVar, Iterable, NamedTuple
+from typing import Any, ClassVar, Iterable, NamedTuple, Union
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -157,6 +162,50 @@ class FrozenEncoder(nn.Module, ABC):
         """Prepare, collate and encode a list of inputs (raises InputError on the first bad one)."""
         prepared = [self.prepare(it) for it in items]
         return self(self.collate(prepared))
+
+
+class TrainableEncoder(nn.Module, ABC):
+    """An encoder trained with the model. Implement the hooks; ``forward(batch)`` runs with
+    gradients. Its weights are part of the model's state (saved in the run directory)."""
+
+    modality: ClassVar[str]
+    Config: ClassVar[type[BaseModel]]
+
+    def __init__(self, cfg: BaseModel):
+        super().__init__()
+        self.cfg = cfg
+
+    @property
+    @abstractmethod
+    def token_dim(self) -> int:
+        """D of the output tokens."""
+
+    @abstractmethod
+    def prepare(self, item: Any) -> Any:
+        """Decode and preprocess one input; raise InputError if it cannot be used."""
+
+    @abstractmethod
+    def collate(self, prepared: list[Any]) -> Any:
+        ...
+
+    @abstractmethod
+    def forward(self, batch: Any) -> EncoderOutput:
+        ...
+
+    @abstractmethod
+    def content_key(self, item: Any) -> str:
+        """Digest of an input's content: equal content -> one row in the data tables."""
+
+    def describe(self, item: Any) -> str:
+        return str(item) if not isinstance(item, (bytes, bytearray)) else f"<{len(item)} bytes>"
+
+    def encode(self, items: Iterable[Any]) -> EncoderOutput:
+        """Prepare, collate and encode a list of inputs on the encoder's device."""
+        device = next(self.parameters()).device
+        return self(to_device(self.collate([self.prepare(it) for it in items]), device))
+
+
+Encoder = Union[FrozenEncoder, TrainableEncoder]
 
 
 def digest_bytes(*parts: bytes) -> str:

@@ -14,8 +14,9 @@ from typing import Any
 
 import torch
 
-from ..encoders.base import EncoderOutput, FrozenEncoder
+from ..encoders.base import Encoder, EncoderOutput, FrozenEncoder, TrainableEncoder
 from ..errors import DataError, InputError
+from ..tensors import to_device
 from .cache import FeatureCache, LiveFeatures
 from ..data.samples import DataReport, Sample
 
@@ -24,7 +25,8 @@ from ..data.samples import DataReport, Sample
 class Batch:
     """Features of the samples in a batch, per modality.
 
-    present[m] (B,) bool: which samples have modality m; features[m] covers only those rows;
+    present[m] (B,) bool: which samples have modality m; features[m] covers only those rows (an
+    EncoderOutput, or a trainable encoder's collated inputs);
     keys[m] (B,) int content ids (-1 where absent) so duplicates are not used as negatives.
     """
 
@@ -33,8 +35,7 @@ class Batch:
     keys: dict[str, torch.Tensor]
 
     def to(self, device: torch.device | str) -> "Batch":
-        move = lambda d: {k: v.to(device) for k, v in d.items()}  # noqa: E731
-        return Batch(move(self.present), move(self.features), move(self.keys))
+        return Batch(to_device(self.present, device), to_device(self.features, device), to_device(self.keys, device))
 
     def joint(self, a: str, b: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Samples having both a and b: (B,) bool, and (B,) content keys of the (a, b)
@@ -44,6 +45,20 @@ class Batch:
         if not both.any():
             return both, torch.full(both.shape, -1, dtype=torch.long, device=both.device)
         return both, torch.where(both, self.keys[a] * 2**31 + self.keys[b], -1)
+
+
+class PreparedInputs:
+    """A trainable encoder's prepared inputs: ``batch(rows)`` is the collated batch the encoder
+    takes (not features: the model runs the encoder, under autograd)."""
+
+    def __init__(self, encoder: TrainableEncoder, prepared: list[Any]):
+        self.encoder, self.prepared = encoder, prepared
+
+    def __len__(self) -> int:
+        return len(self.prepared)
+
+    def batch(self, rows: torch.Tensor) -> Any:
+        return self.encoder.collate([self.prepared[int(r)] for r in rows])
 
 
 class PairedData:
@@ -80,14 +95,15 @@ class PairedData:
 
 def build_paired_data(
     samples: list[Sample],
-    encoders: dict[str, FrozenEncoder],
+    encoders: dict[str, Encoder],
     report: DataReport,
     cache_dir: Path | None,
     cache_dtype: str = "float16",
     shard_size: int = 1024,
     progress: bool = True,
 ) -> PairedData:
-    """Encode (or find in the cache) every distinct input; drop samples whose inputs fail."""
+    """Encode (or find in the cache) every distinct input of the frozen encoders, prepare those
+    of trainable ones (the model encodes them per batch); drop samples whose inputs fail."""
     bad: dict[int, InputError] = {}
     keys_per_modality: dict[str, list[str | None]] = {}
     for m, enc in encoders.items():
@@ -108,14 +124,16 @@ def build_paired_data(
     order: dict[str, list[str]] = {}
     for m, enc in encoders.items():
         items = {k: getattr(s, m) for k, s in zip(keys_per_modality[m], samples) if k is not None}
-        if cache_dir is not None:
+        cached = cache_dir is not None and isinstance(enc, FrozenEncoder)
+        prepared: dict[str, Any] = {}
+        failures: dict[str, InputError] = {}
+        if cached:
             cache = FeatureCache(cache_dir, enc, cache_dtype, shard_size)
             failures = cache.fill(items, enc.cfg.batch_size, progress=progress)
         else:
-            failures = {}
             for k, item in items.items():
                 try:
-                    enc.prepare(item)
+                    prepared[k] = enc.prepare(item)
                 except InputError as err:
                     failures[k] = err
         for i, k in enumerate(keys_per_modality[m]):
@@ -123,8 +141,14 @@ def build_paired_data(
                 bad.setdefault(i, failures[k])
         good = [k for k in items if k not in failures]
         order[m] = good
-        if good:
-            tables[m] = cache.load(good) if cache_dir is not None else LiveFeatures(enc, [items[k] for k in good])
+        if not good:
+            continue
+        if cached:
+            tables[m] = cache.load(good)
+        elif isinstance(enc, TrainableEncoder):
+            tables[m] = PreparedInputs(enc, [prepared[k] for k in good])
+        else:
+            tables[m] = LiveFeatures(enc, [items[k] for k in good])
 
     for i, err in sorted(bad.items()):
         report.skip(samples[i].source, err.reason, err.what)

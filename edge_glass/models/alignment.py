@@ -13,7 +13,7 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
-from ..encoders.base import EncoderOutput, FrozenEncoder
+from ..encoders.base import Encoder, EncoderOutput, TrainableEncoder
 from ..errors import EdgeGlassError
 from ..heads import FUSIONS, POOLERS, MatryoshkaProjection
 
@@ -59,8 +59,12 @@ def rows_of(x: EncoderOutput, has: torch.Tensor, want: torch.Tensor) -> EncoderO
 
 
 class AlignmentModel(nn.Module):
-    def __init__(self, model_cfg, loss_cfg, token_dims: dict[str, int]):
+    """Heads (+ the trainable encoders, if any) -> {modality: {dim: embedding}} and temperatures.
+    Inputs are EncoderOutputs of frozen encoders, or collated inputs of ``encoders[m]``."""
+
+    def __init__(self, model_cfg, loss_cfg, token_dims: dict[str, int], encoders: dict[str, TrainableEncoder] | None = None):
         super().__init__()
+        self.encoders = nn.ModuleDict(encoders or {})
         self.dims = sorted(model_cfg.dims, reverse=True)
         self.heads = nn.ModuleDict(
             {m: ModalityHead(model_cfg.heads[m], token_dims[m], self.dims) for m in sorted(token_dims)}
@@ -84,17 +88,23 @@ class AlignmentModel(nn.Module):
         """Every embedded input: the modalities, then the fused one ("image+audio") if any."""
         return list(self.heads) + list(self.fused)
 
-    def embed(self, modality: str, x: EncoderOutput) -> dict[int, torch.Tensor]:
-        return self.heads[modality](x)
+    def tokens(self, modality: str, x: Any) -> EncoderOutput:
+        """Frozen features as they are; a trainable encoder's inputs through the encoder."""
+        return self.encoders[modality](x) if modality in self.encoders else x
 
-    def embed_fused(self, a: EncoderOutput, b: EncoderOutput) -> dict[int, torch.Tensor]:
+    def embed(self, modality: str, x: Any) -> dict[int, torch.Tensor]:
+        return self.heads[modality](self.tokens(modality, x))
+
+    def embed_fused(self, a: Any, b: Any) -> dict[int, torch.Tensor]:
         """The fused embedding of matching rows of the fusion's two inputs (in config order)."""
-        return self.fusion(a, b)
+        (ma, mb), = self.fused.values()
+        return self.fusion(self.tokens(ma, a), self.tokens(mb, b))
 
     def forward(self, features: dict[str, EncoderOutput], present: dict[str, torch.Tensor] | None = None) -> tuple[dict[str, dict[int, torch.Tensor]], dict[str, torch.Tensor]]:
         """Embeddings of every modality present, and exp(logit scale) of every pair. With
         ``present`` ({m: (B,) bool}, as in Batch), the fused input is embedded on the rows that
         have both of its parts."""
+        features = {m: self.tokens(m, x) for m, x in features.items()}
         emb = {m: self.heads[m](x) for m, x in features.items()}
         for name, (a, b) in self.fused.items():
             if present is not None and a in features and b in features:
@@ -118,7 +128,7 @@ class AlignedModel(nn.Module):
         img = model.encode_images(["a.jpg", pil_image], dim=128)    # (2, 128) CPU tensor, unit rows
     """
 
-    def __init__(self, cfg: Any, encoders: dict[str, FrozenEncoder], core: AlignmentModel, run_dir: Any = None):
+    def __init__(self, cfg: Any, encoders: dict[str, Encoder], core: AlignmentModel, run_dir: Any = None):
         super().__init__()
         self.cfg, self.run_dir = cfg, run_dir
         self.encoders = nn.ModuleDict(encoders)
@@ -136,7 +146,7 @@ class AlignedModel(nn.Module):
             raise EdgeGlassError(f"--dim {dim}: outside 1..{self.dims[0]} (trained dims: {self.dims})")
         return dim
 
-    def encoder(self, modality: str) -> FrozenEncoder:
+    def encoder(self, modality: str) -> Encoder:
         if modality not in self.encoders:
             raise EdgeGlassError(f"this model has no {modality} encoder (it has {', '.join(self.encoders)})")
         return self.encoders[modality]
@@ -149,7 +159,7 @@ class AlignedModel(nn.Module):
         items = list(items)
         head = self.core.heads[modality]
         bs = batch_size or enc.cfg.batch_size
-        out = [head.at_dim(enc.encode(items[s : s + bs]), dim).cpu() for s in range(0, len(items), bs)]
+        out = [head.at_dim(enc.encode(items[s : s + bs]), dim).cpu() for s in range(0, len(items), bs)]  # trainable: the core's own encoder
         return torch.cat(out) if out else torch.empty(0, dim)
 
     @torch.no_grad()

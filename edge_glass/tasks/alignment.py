@@ -17,7 +17,7 @@ from torch import nn
 from ..data.formats import limit_groups, parse_spec, read_dataset
 from ..data.samples import DataReport, Sample
 from ..data.split import sample_splits
-from ..encoders import build_encoders
+from ..encoders import FrozenEncoder, TrainableEncoder, build_encoders
 from ..errors import EdgeGlassError
 from ..eval.retrieval import evaluate_retrieval, format_table
 from ..eval.digits import spoken_digit_accuracy
@@ -89,6 +89,22 @@ def heldout_data(model: AlignedModel, split: str, report: DataReport, progress: 
     if not samples:
         raise EdgeGlassError(f"{run.path}: its {split} split is empty")
     return build_paired_data(samples, dict(model.encoders), report, feature_cache_dir(model.cfg), model.cfg.cache.dtype, progress=progress)
+
+
+# --- model ---------------------------------------------------------------------------------------
+
+def build_run_encoders(cfg: Any, device: torch.device | str = "cpu") -> dict:
+    """The config's encoders on ``device``; trainable ones initialised from ``cfg.seed`` (the
+    same weights in a fresh run and in a resumed one, before its checkpoint loads)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        return {m: e.to(device) for m, e in build_encoders(cfg.encoders).items()}
+
+
+def build_core(cfg: Any, encoders: dict) -> AlignmentModel:
+    """The trainable core: heads and temperatures, plus the trainable encoders (shared with ``encoders``)."""
+    trainable = {m: e for m, e in encoders.items() if isinstance(e, TrainableEncoder)}
+    return AlignmentModel(cfg.model, cfg.loss, {m: e.token_dim for m, e in encoders.items()}, trainable)
 
 
 # --- loss ----------------------------------------------------------------------------------------
@@ -171,7 +187,7 @@ class AlignmentTask(Task):
 
     def __init__(self, cfg: Any, device: torch.device | str = "cpu"):
         super().__init__(cfg, device)
-        self.encoders = {m: e.to(self.device) for m, e in build_encoders(cfg.encoders).items()}
+        self.encoders = build_run_encoders(cfg, self.device)
 
     @classmethod
     def find_unused_parameters(cls, cfg: Any) -> bool:
@@ -180,14 +196,15 @@ class AlignmentTask(Task):
     # -- training
     def load(self, report, progress: bool) -> dict[str, Any]:
         splits, split_record = load_splits(self.cfg, self.encoders, report, progress)
-        self.records = {"split.json": split_record, "encoders.json": {m: e.fingerprint() for m, e in self.encoders.items()}}
+        self.records = {"split.json": split_record,
+                        "encoders.json": {m: e.fingerprint() for m, e in self.encoders.items() if isinstance(e, FrozenEncoder)}}
         return splits
 
     def sampling(self, data: Any) -> tuple[str, torch.Tensor | None]:
         return self.cfg.data.pairs_per_epoch, dataset_rates(data, self.cfg.data.weights)
 
     def build(self) -> nn.Module:
-        return AlignmentModel(self.cfg.model, self.cfg.loss, {m: e.token_dim for m, e in self.encoders.items()})
+        return build_core(self.cfg, self.encoders)
 
     def loss(self, model: nn.Module, core: nn.Module, batch: Batch, step: int) -> tuple[torch.Tensor, dict[str, float]]:
         batch = batch.to(next(core.parameters()).device)
@@ -210,13 +227,13 @@ class AlignmentTask(Task):
     @classmethod
     def load_run(cls, run: RunDir, device: torch.device | str = "cpu") -> AlignedModel:
         cfg = run.read_config()
-        encoders = build_encoders(cfg.encoders)
-        core = AlignmentModel(cfg.model, cfg.loss, {m: e.token_dim for m, e in encoders.items()})
+        encoders = build_run_encoders(cfg)
+        core = build_core(cfg, encoders)
         run.load_state_into(core)
         if run.file("encoders.json").exists():
             saved = run.read_json("encoders.json")
             for m, enc in encoders.items():
-                if m in saved and saved[m].get("weights") != enc.weights_id():
+                if m in saved and isinstance(enc, FrozenEncoder) and saved[m].get("weights") != enc.weights_id():
                     warnings.warn(f"{run.path}: the {m} backbone's weights differ from those the heads were trained on", stacklevel=2)
         return AlignedModel(cfg, encoders, core, run.path).to(device)
 
@@ -237,7 +254,8 @@ class AlignmentTask(Task):
 
     def parameter_rows(self, run_dir=None) -> list[tuple[str, int, int]]:
         core = self.build()
-        rows = [count_parameters(f"encoders.{m} ({enc.cfg.type}, frozen)", enc.ensure_loaded()) for m, enc in self.encoders.items()]
+        rows = [count_parameters(f"encoders.{m} ({enc.cfg.type}, frozen)", enc.ensure_loaded()) if isinstance(enc, FrozenEncoder)
+                else count_parameters(f"encoders.{m} ({enc.cfg.type}, trainable)", enc) for m, enc in self.encoders.items()]
         rows += [count_parameters(f"heads.{m}.{part}", getattr(head, part)) for m, head in core.heads.items() for part in ("pooler", "projection")]
         if core.fusion is not None:
             rows += [count_parameters(f"fusion ({name}).{part}", getattr(core.fusion, part)) for name in core.fused for part in ("fusion", "projection")]
