@@ -13,7 +13,7 @@ ALIGNED="--set vision.aligned_run=$QS --set vision.aligned_output=embedding"
 # coco1k VQA v2 yes/no: the trm_vlm_qa recipe (30 epochs, best validation step)
 python benchmarks/seeds.py configs/trm_vlm_qa.yaml --out "$OUT/vqa_yesno_raw" $T
 python benchmarks/seeds.py configs/trm_vlm_qa.yaml --out "$OUT/vqa_yesno_aligned" $T $ALIGNED --set projector.pool=none
-# easy-VQA at the decoder ablation's budget: the first 10,000 training questions, 3 epochs
-SHORT="--set data.max_samples=10000 --set train.epochs=3 --set train.warmup=100"
+# easy-VQA at a short budget: the first 5,000 training questions, 3 epochs (test: the first 5,000 official test questions)
+SHORT="--set data.max_samples=5000 --set train.epochs=3 --set train.warmup=50"
 python benchmarks/seeds.py configs/trm_easy_vqa.yaml --out "$OUT/easy_vqa_raw" $T $SHORT
 python benchmarks/seeds.py configs/trm_easy_vqa.yaml --out "$OUT/easy_vqa_aligned" $T $SHORT $ALIGNED
