@@ -12,7 +12,6 @@ import io
 import math
 import os
 import struct
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -20,6 +19,7 @@ import soundfile as sf
 from scipy.signal import resample_poly
 
 from ..errors import InputError
+from .files import read_bytes
 
 TARGET_SR = 16000
 _BLOCK = 4096  # frames per block when counting the decodable frames of a broken file
@@ -38,12 +38,7 @@ def audio_bytes(item: Any) -> bytes:
         return bytes(item)
     if not isinstance(item, (str, os.PathLike)):
         raise InputError(describe_audio(item), f"unsupported audio input type {type(item).__name__} (pass a path or bytes)")
-    try:
-        return Path(item).read_bytes()
-    except FileNotFoundError:
-        raise InputError(str(item), "audio file not found") from None
-    except OSError as exc:
-        raise InputError(str(item), f"cannot read audio file ({exc.strerror or exc})") from None
+    return read_bytes(item, "audio")
 
 
 def _wav_header_frames(data: bytes) -> int | None:

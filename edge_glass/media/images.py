@@ -4,12 +4,12 @@ instead of exposing whatever colours their transparent pixels happen to store.""
 from __future__ import annotations
 
 import io
-from pathlib import Path
 from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
 from ..errors import InputError
+from .files import read_bytes
 
 MAX_PIXELS = 64_000_000  # larger images are refused (decompression bombs); 64 MP covers real photos
 WHITE = (255, 255, 255)
@@ -29,12 +29,7 @@ def image_bytes(item: Any) -> bytes:
         return bytes(item)
     if isinstance(item, Image.Image):
         return item.tobytes() + repr((item.size, item.mode)).encode()
-    try:
-        return Path(item).read_bytes()
-    except FileNotFoundError:
-        raise InputError(str(item), "image file not found") from None
-    except OSError as exc:
-        raise InputError(str(item), f"cannot read image file ({exc.strerror or exc})") from None
+    return read_bytes(item, "image")
 
 
 def has_alpha(img: Image.Image) -> bool:
