@@ -5,7 +5,7 @@
     python benchmarks/report.py runs/decoder_ablation/ablation.json        # QA metrics (exact match, F1)
 
 Retrieval results give R@1/R@5/R@10 per direction (at the largest dim, or every dim with --dims);
-QA results give exact match, F1 and the majority-answer baseline; zero-shot digit results give
+QA results give exact match, F1 and the majority-answer baseline; spoken-digit results (closed set) give
 accuracy overall and per speaker.
 """
 from __future__ import annotations
