@@ -113,14 +113,14 @@ def main() -> int:
     # 2. TRM decoder on easy-VQA, short: 2000 questions, 2 epochs
     trm = [*dev, "data.max_samples=2000", "train.epochs=2", "train.checkpoint_every=20", "train.warmup=10"]
     if train_kill_resume(out, "trm", "configs/trm_easy_vqa.yaml", trm, 20):
-        cli(out, "trm_eval", "eval", str(out / "trm"), "--device", args.device, "--data", "easy-vqa:test", "--json", str(out / "trm_eval.json"), "--no-progress")
+        cli(out, "trm_eval", "eval", str(out / "trm"), "--device", args.device, "--json", str(out / "trm_eval.json"), "--no-progress")
 
     # 3. LoRA on a tiny random Qwen2 (the Qwen path with no hub access), bf16
     qwen = tiny_qwen(out / "tiny_qwen")
     lm = [*dev, f"decoder={{type: lm, model: {qwen}, lora_r: 8, lora_alpha: 16}}", "data.max_samples=400", "train.epochs=2",
           "train.batch_size=16", "train.lr=1.0e-3", "train.checkpoint_every=10", "train.warmup=5", "eval.max_new_tokens=4"]
     if train_kill_resume(out, "qwen_lora", "configs/trm_easy_vqa.yaml", lm, 10):
-        cli(out, "qwen_lora_eval", "eval", str(out / "qwen_lora"), "--device", args.device, "--data", "easy-vqa:test", "--json", str(out / "qwen_eval.json"), "--no-progress")
+        cli(out, "qwen_lora_eval", "eval", str(out / "qwen_lora"), "--device", args.device, "--json", str(out / "qwen_eval.json"), "--no-progress")
 
     failed = [r for r in results if not r[1]]
     print(f"{len(results) - len(failed)} passed, {len(failed)} failed")

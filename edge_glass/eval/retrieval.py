@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from ..features.pipeline import PairedData
 from ..models.alignment import AlignmentModel
+from ..tensors import to_device
 
 DIRECTION_NAMES = {("text", "image"): "text_to_image", ("image", "text"): "image_to_text"}
 
@@ -35,14 +36,16 @@ def recall_at_k(queries: torch.Tensor, gallery: torch.Tensor, positives: torch.T
 def embed_rows(model: AlignmentModel, data: PairedData, modality: str, rows: torch.Tensor, batch_size: int) -> dict[int, torch.Tensor]:
     """Embeddings {dim: (len(rows), dim)} of the given rows of a modality's feature table; for
     the fused input ("image+audio") a row is ``row_a * FUSED_BASE + row_b`` (see fused_rows)."""
+    device = next(model.parameters()).device  # features go to the model; embeddings come back to the CPU
     parts: list[dict[int, torch.Tensor]] = []
     for s in range(0, len(rows), batch_size):
         r = rows[s : s + batch_size]
         if modality in model.fused:
             a, b = model.fused[modality]
-            parts.append(model.embed_fused(data.tables[a].batch(r // FUSED_BASE), data.tables[b].batch(r % FUSED_BASE)))
+            out = model.embed_fused(to_device(data.tables[a].batch(r // FUSED_BASE), device), to_device(data.tables[b].batch(r % FUSED_BASE), device))
         else:
-            parts.append(model.embed(modality, data.tables[modality].batch(r)))
+            out = model.embed(modality, to_device(data.tables[modality].batch(r), device))
+        parts.append({d: e.float().cpu() for d, e in out.items()})
     return {d: torch.cat([p[d] for p in parts]) for d in parts[0]}
 
 
