@@ -99,7 +99,10 @@ def _check_output(path: Path, flag: str) -> None:
 
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
-        raise EdgeGlassError(f"{flag} {path}: folder {parent} does not exist")
+        raise EdgeGlassError(f"{flag} {path}: " + (f"{parent} is not a folder" if parent.exists() else f"folder {parent} does not exist"))
+    if path.is_dir():
+        raise EdgeGlassError(f"{flag} {path}: is a folder, expected a file name")
+    # os.access also answers for root, for whom only a read-only file system (EROFS) says no
     if not os.access(parent, os.W_OK):
         raise EdgeGlassError(f"{flag} {path}: folder {parent} is not writable")
 
@@ -112,6 +115,13 @@ def cmd_eval(args) -> None:
 
     if args.json:
         _check_output(Path(args.json), "--json")
+    if args.no_progress:  # also no "Loading weights" bar from transformers
+        try:
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
+        except ImportError:
+            pass
     result = evaluate(args.run_dir, args.data, progress=not args.no_progress, device=args.device)
     task = task_for(RunDir(args.run_dir).read_config())
     predictions = result.pop("predictions", None)
@@ -162,15 +172,26 @@ def cmd_embed(args) -> None:
     import numpy as np
 
     from .api import load
-    from .atomic import atomic_path
+    from .atomic import atomic_write_bytes
     from .errors import InputError
 
+    try:  # embed prints its one result line; no "Loading weights" bar from transformers on stderr
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
     out = Path(args.out)
     if out.suffix not in (".npz", ".safetensors"):
         raise EdgeGlassError(f"--out {out}: expected a .npz or .safetensors file")
+    if args.dim is not None and args.dim < 1:
+        raise EdgeGlassError(f"--dim {args.dim}: must be a positive embedding size (leave it out for the largest)")
     _check_output(out, "--out")
     modality = "text" if args.texts else "image" if args.images else "audio"
+    # every input check that needs no model comes first: a bad argument fails before any loading
     lines = _read_lines(args.texts) if args.texts else None
+    folder = args.images or args.audio
+    files = _list_files(folder, IMAGE_SUFFIXES if args.images else AUDIO_SUFFIXES) if lines is None else []
     model = load(args.run_dir, args.device)
     encoders = getattr(model, "encoders", {})
     if modality not in encoders:
@@ -181,8 +202,6 @@ def cmd_embed(args) -> None:
         items = [line.strip() for line in lines if line.strip()]
         skipped = len(lines) - len(items)
     else:
-        folder = args.images or args.audio
-        files = _list_files(folder, IMAGE_SUFFIXES if args.images else AUDIO_SUFFIXES)
         enc = encoders[modality]
         items, ids, skipped = [], [], 0
         for f in files:  # check every input first, so one bad file is reported and skipped
@@ -196,14 +215,18 @@ def cmd_embed(args) -> None:
     if not items:
         raise EdgeGlassError(f"{args.texts or args.images or args.audio}: nothing to embed ({skipped} skipped)")
     emb = model.encode(modality, items, dim=dim).numpy().astype(np.float32)
-    with atomic_path(out) as tmp:
-        if out.suffix == ".safetensors":
-            from safetensors.numpy import save_file
+    # serialised in memory, then written atomically with plain file I/O (a full disk is an OSError)
+    if out.suffix == ".safetensors":
+        from safetensors.numpy import save
 
-            save_file({"embeddings": emb}, str(tmp), metadata={"ids": json.dumps(ids), "modality": modality})
-        else:
-            with open(tmp, "wb") as f:
-                np.savez(f, embeddings=emb, ids=np.array(ids))
+        data = save({"embeddings": emb}, metadata={"ids": json.dumps(ids), "modality": modality})
+    else:
+        import io
+
+        buf = io.BytesIO()
+        np.savez(buf, embeddings=emb, ids=np.array(ids))
+        data = buf.getvalue()
+    atomic_write_bytes(out, data)
     print(f"wrote {emb.shape[0]} {modality} embeddings of dim {emb.shape[1]} to {out}" + (f" ({skipped} skipped)" if skipped else ""))
 
 

@@ -68,7 +68,7 @@ def _load(path: Path) -> Any:
         return torch.load(path, weights_only=True, map_location="cpu")
     except FileNotFoundError:
         raise EdgeGlassError(f"{path}: missing from the checkpoint") from None
-    except Exception as exc:  # unpickling refused (not plain tensors/values) or a torn file
+    except Exception as exc:  # noqa: BLE001  unpickling refused (not plain tensors/values) or a torn file
         raise EdgeGlassError(f"{path}: cannot be loaded safely ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
 
 

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from numerics import FP32_NET, assert_close_rel
 from safetensors.torch import load_file
 
 EDGE_GLASS = [sys.executable, "-m", "edge_glass.cli"]
@@ -33,7 +34,7 @@ def write_config(path: Path, coco_dir: Path, **train) -> Path:
 
 
 def run(*args: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
-    proc = subprocess.run([*EDGE_GLASS, *args], capture_output=True, text=True, **kw)
+    proc = subprocess.run([*EDGE_GLASS, *args], check=False, capture_output=True, text=True, **kw)
     if check and proc.returncode != 0:
         raise AssertionError(f"edge-glass {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
     return proc
@@ -104,7 +105,10 @@ def test_python_api_loads_a_run_without_the_yaml(trained, data_root):
         torch.testing.assert_close(img.norm(dim=1), torch.ones(2))
         from PIL import Image
 
-        torch.testing.assert_close(model.encode_images([Image.open(files[0])], dim=32)[0], torch.nn.functional.normalize(img[0, :32], dim=0), atol=1e-5, rtol=1e-4)
+        # a batch of 1 vs 2 through EfficientNet-Lite and the head: float32 rounding of a deep network,
+        # relative to the unit vector's scale
+        assert_close_rel(model.encode_images([Image.open(files[0])], dim=32)[0], torch.nn.functional.normalize(img[0, :32], dim=0),
+                         FP32_NET, "PIL image alone vs path in a batch")
     finally:
         cfg.with_suffix(".moved").rename(cfg)
 
@@ -123,7 +127,7 @@ def test_embed_writes_embeddings_and_ids(trained, tmp_path, data_root):
 
 
 def test_info_counts_frozen_and_trainable_parameters(trained):
-    cfg, out, _ = trained
+    _, out, _ = trained
     text = run("info", str(out)).stdout
     assert "encoders.image (efficientnet_lite, frozen)" in text and "heads.image.pooler" in text
     frozen = next(l for l in text.splitlines() if l.startswith("encoders.text"))
@@ -196,7 +200,7 @@ def test_two_process_run_matches_one_process_with_the_same_global_batch(trained,
     torchrun = Path(sys.executable).with_name("torchrun")
     cmd = [str(torchrun), "--nproc_per_node", "2", "--master_port", str(29500 + os.getpid() % 1000), "-m", "edge_glass.cli",
            "train", str(cfg), "--out", str(tmp_path / "two"), "--no-progress"]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, check=False, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((tmp_path / "two" / "summary.json").read_text())["processes"] == 2
     # the same loss at every logged step...
