@@ -19,6 +19,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from safetensors.torch import save
+
 from .errors import EdgeGlassError
 
 
@@ -112,3 +114,26 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2))
+
+
+def atomic_write_safetensors(path: str | os.PathLike, state: dict, metadata: dict[str, str] | None = None) -> None:
+    atomic_write_bytes(path, safetensors_bytes(state, metadata))
+
+
+def safetensors_bytes(state: dict, metadata: dict[str, str] | None = None) -> bytes:
+    """A state dict serialised in memory, so that writing it to disk is plain file I/O: a full or
+    read-only disk then raises OSError with its errno (safetensors' own writer raises an opaque
+    SafetensorError instead)."""
+    return save(tensors_for_saving(state), metadata)
+
+
+def tensors_for_saving(state: dict) -> dict:
+    """Detached, contiguous CPU tensors; tied weights (one storage under two names, e.g. shared
+    input/output embeddings) are stored as separate copies, which load back into the tie."""
+    out, seen = {}, set()
+    for k, v in state.items():
+        v = v.detach().cpu()
+        ptr = (v.untyped_storage().data_ptr(), v.storage_offset())
+        out[k] = v.clone().contiguous() if ptr in seen else v.contiguous()
+        seen.add(ptr)
+    return out

@@ -21,9 +21,9 @@ from typing import Any
 
 import yaml
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save
+from safetensors.torch import load_file
 
-from .atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
+from .atomic import atomic_write_bytes, atomic_write_json, atomic_write_text, safetensors_bytes, tensors_for_saving  # noqa: F401  (re-exported)
 from .config import config_from_dict, dump_config
 from .errors import EdgeGlassError
 
@@ -109,25 +109,6 @@ def read_safetensors(path: Path, hint: str = "") -> dict:
     except (SafetensorError, OSError, ValueError) as exc:
         reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
         raise EdgeGlassError(f"{path}: not a readable safetensors file, truncated or corrupt ({reason}){hint}") from None
-
-
-def safetensors_bytes(state: dict, metadata: dict[str, str] | None = None) -> bytes:
-    """A state dict serialised in memory, so that writing it to disk is plain file I/O: a full or
-    read-only disk then raises OSError with its errno (safetensors' own writer raises an opaque
-    SafetensorError instead)."""
-    return save(tensors_for_saving(state), metadata)
-
-
-def tensors_for_saving(state: dict) -> dict:
-    """Detached, contiguous CPU tensors; tied weights (one storage under two names, e.g. shared
-    input/output embeddings) are stored as separate copies, which load back into the tie."""
-    out, seen = {}, set()
-    for k, v in state.items():
-        v = v.detach().cpu()
-        ptr = (v.untyped_storage().data_ptr(), v.storage_offset())
-        out[k] = v.clone().contiguous() if ptr in seen else v.contiguous()
-        seen.add(ptr)
-    return out
 
 
 def slug(text: str) -> str:

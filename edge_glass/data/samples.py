@@ -2,11 +2,12 @@
 of everything skipped (nothing bad is dropped silently)."""
 from __future__ import annotations
 
-import json
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from ..atomic import atomic_write_json
 
 MODALITIES = ("image", "audio", "text")
 
@@ -69,4 +70,4 @@ class DataReport:
         return f"data: {sum(self.kept.values())} samples kept, {len(self.skipped)} skipped ({reasons})"
 
     def write(self, path: Path) -> None:
-        path.write_text(json.dumps(self.to_dict(), indent=2))
+        atomic_write_json(path, self.to_dict())

@@ -12,17 +12,17 @@ name and renamed, so a killed run never leaves a half-written shard.
 from __future__ import annotations
 
 import json
-import os
 import uuid
 from pathlib import Path
 from typing import Any, Iterable
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from ..encoders.base import EncoderOutput, FrozenEncoder
+from ..atomic import atomic_write_json, atomic_write_safetensors
 from ..errors import InputError
 from ..paths import cache_root
 
@@ -108,14 +108,10 @@ class FeatureCache:
         self.dir.mkdir(parents=True, exist_ok=True)
         fp = self.dir / "fingerprint.json"
         if not fp.exists():
-            tmp_fp = fp.with_suffix(f".{uuid.uuid4().hex}.tmp")
-            tmp_fp.write_text(json.dumps(self.encoder.fingerprint(), indent=2))
-            os.replace(tmp_fp, fp)
+            atomic_write_json(fp, self.encoder.fingerprint())
         shard = self.dir / f"shard-{uuid.uuid4().hex}.safetensors"
-        tmp = shard.with_suffix(".tmp")
         meta = {"keys": json.dumps(keys), "dtype": self.dtype_name}
-        save_file({"tokens": table.tokens.contiguous(), "lengths": table.lengths, "pooled": table.pooled.contiguous()}, str(tmp), metadata=meta)
-        os.replace(tmp, shard)
+        atomic_write_safetensors(shard, {"tokens": table.tokens, "lengths": table.lengths, "pooled": table.pooled}, meta)
         for row, key in enumerate(keys):
             self.index.setdefault(key, (shard, row))
 
