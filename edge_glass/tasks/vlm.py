@@ -85,9 +85,10 @@ def first_per_split(samples: list[QASample], n: int | None) -> list[QASample]:
 
 def split_per_dataset(parts: dict[str, list[QASample]], val: float, test: float, seed: int) -> dict[str, list[str]]:
     """{spec: split of each of its samples}. Each dataset is split on its own (its given splits
-    honoured, the rest hashed by image); then a hashed sample whose image another dataset holds
-    out follows it there (test before val), so no held-out image is trained on through a second
-    dataset (captions of a VQA test photo, say)."""
+    honoured, the rest hashed by image); then, in a dataset that gives no val/test split of its
+    own, a training sample whose image another dataset holds out follows it there (test before
+    val), so no held-out image is trained on through a second dataset (captions of a VQA test
+    photo, say). Datasets with their own splits keep them as they are."""
     where = {spec: qa_splits(samples, val, test, seed) for spec, samples in parts.items()}
     held: dict[str, str] = {}
     for spec, samples in parts.items():
@@ -95,9 +96,9 @@ def split_per_dataset(parts: dict[str, list[QASample]], val: float, test: float,
             if w == "test" or (w == "val" and s.image not in held):
                 held[s.image] = w
     for spec, samples in parts.items():
-        if len(parts) > 1:
-            where[spec] = [held.get(s.image, w) if w == "train" and SPLIT_NAMES.get(s.split) is None else w
-                           for s, w in zip(samples, where[spec])]
+        hashed = not any(SPLIT_NAMES.get(s.split) for s in samples)  # the dataset gives no val/test of its own
+        if hashed and len(parts) > 1:
+            where[spec] = [held.get(s.image, w) if w == "train" else w for s, w in zip(samples, where[spec])]
     return where
 
 

@@ -18,6 +18,7 @@ from edge_glass.data.samples import DataReport, Sample
 from edge_glass.encoders.whisper import WhisperAudioEncoder, clip_frames
 from edge_glass.errors import ModelNotFoundError
 from edge_glass.models.alignment import AlignmentModel
+from numerics import FP32_NET, FP32_OPS, assert_close_rel
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +50,8 @@ def test_masks_survive_the_cache_and_the_heads_ignore_batch_padding(whisper, tex
     assert max(expected) > 4 * min(expected)
     for i, c in enumerate(clips):  # cached (length-sorted batches) == the clip encoded alone
         alone = whisper.encode([c])
-        torch.testing.assert_close(feats.tokens[i, : expected[i]], alone.tokens[0], atol=2e-4, rtol=1e-3)
+        # other batch shapes (padding, masked keys) through Whisper's 4 layers: relative to max |h|
+        assert_close_rel(feats.tokens[i, : expected[i]], alone.tokens[0], FP32_NET, f"clip {i} cached vs alone")
     cfg = config_from_dict({"encoders": {"audio": {"type": "whisper"}, "text": {"type": "sentence_transformer"}}, "data": {"train": ["x:y"]},
                             "model": {"dims": [32], "heads": {"audio": {"pooler": {"type": "perceiver", "dim": 32, "latents": 8, "depth": 1, "heads": 4}}}}})
     torch.manual_seed(0)
@@ -57,7 +59,9 @@ def test_masks_survive_the_cache_and_the_heads_ignore_batch_padding(whisper, tex
     with torch.no_grad():
         together = model.embed("audio", feats)[32]
         for i in range(len(clips)):
-            torch.testing.assert_close(model.embed("audio", data.tables["audio"].batch(rows[i : i + 1]))[32][0], together[i], atol=1e-5, rtol=1e-4)
+            # one row (padded to its own length) vs the batch: a 1-layer Perceiver + projection, few ops
+            assert_close_rel(model.embed("audio", data.tables["audio"].batch(rows[i : i + 1]))[32][0], together[i], FP32_OPS,
+                             f"clip {i} embedded alone vs in the batch")
 
 
 def test_44k_stereo_flac_of_a_telephone_recording_gives_the_same_features(whisper, data_root, tmp_path):

@@ -13,6 +13,7 @@ from edge_glass.decoders.lm import LMDecoder, LMDecoderConfig
 from edge_glass.weights.gguf import convert_gguf, converted_dir
 from edge_glass.decoders.prompt import ChatPrompt, collate, collate_prompts
 from edge_glass.errors import ConfigError
+from numerics import FP32_NET, assert_close_rel
 
 from .conftest import ANSWERS, MEMORY, QUESTIONS, memorise
 
@@ -83,7 +84,9 @@ def test_right_padding_does_not_change_the_logits_of_real_tokens(qwen2_tokenizer
     batched = dec(prefix, b["input_ids"], b["attention_mask"]).logits
     for i, e in enumerate(encs):
         alone = dec(prefix[i:i + 1], torch.tensor([e.input_ids])).logits[0]
-        assert torch.allclose(batched[i, : alone.shape[0]], alone, atol=1e-4)
+        # other shapes (batch of 5, right-padded, masked keys) through 2 layers and the tied head; the
+        # logits are large (initializer_range 0.3), so the bound is relative to them
+        assert_close_rel(batched[i, : alone.shape[0]], alone, FP32_NET, f"row {i} batched vs alone logits")
 
 
 def test_kv_cache_generation_equals_recomputation_and_hugging_face_generate(qwen2_tokenizer):

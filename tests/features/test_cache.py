@@ -7,6 +7,7 @@ from edge_glass.features.pipeline import build_paired_data
 from edge_glass.data.samples import DataReport, Sample
 from edge_glass.encoders.efficientnet import EfficientNetLiteConfig, EfficientNetLiteEncoder
 from edge_glass.encoders.text import SentenceTransformerConfig, SentenceTransformerEncoder
+from numerics import FP32_NET, assert_close_rel
 
 
 def images(data_root, n, start=0):
@@ -23,9 +24,12 @@ def test_cached_features_equal_live_encoding(image_encoder, text_encoder, tmp_pa
         table = cache.load(list(keyed))
         got = table.batch(torch.arange(len(items)))
         live = enc.encode(items)
-        torch.testing.assert_close(got.tokens, live.tokens, atol=1e-5, rtol=1e-4)
-        torch.testing.assert_close(got.mask, live.mask)
-        torch.testing.assert_close(got.pooled, live.pooled, atol=1e-5, rtol=1e-4)
+        # the cache encoded in batches of 3, live encoding all at once: other batch shapes through a
+        # deep network (EfficientNet-Lite, MiniLM), so float32 rounding relative to the values' scale
+        name = type(enc).__name__
+        assert_close_rel(got.tokens, live.tokens, FP32_NET, f"{name} cached vs live tokens")
+        assert torch.equal(got.mask, live.mask)
+        assert_close_rel(got.pooled, live.pooled, FP32_NET, f"{name} cached vs live pooled")
     assert not list(tmp_path.rglob("*.tmp"))  # shards are renamed into place
 
 
