@@ -130,6 +130,11 @@ class TrainConfig(Strict):
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     threads: int | None = Field(None, ge=1, description="torch CPU threads per process")
 
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _yaml_no(cls, v: Any) -> Any:
+        return "no" if v is False else v  # YAML reads a bare `no` (as in --set train.mixed_precision=no) as false
+
 
 class EvalConfig(Strict):
     ks: list[int] = Field(default_factory=lambda: [1, 5, 10])

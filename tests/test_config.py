@@ -66,3 +66,9 @@ def test_variants_apply_their_overrides():
     v = variant_config(cfg, "small")
     assert v.model.dims == [64, 32] and v.loss.mrl.sample_one_dim and not v.variants
     assert v.name == "t/small"
+
+
+def test_mixed_precision_no_survives_yaml_reading_it_as_false():
+    cfg = config_from_dict({"encoders": {"image": {"type": "efficientnet_lite"}, "text": {"type": "sentence_transformer"}},
+                            "data": {"train": ["coco:x"]}}, overrides=["train.mixed_precision=no"])
+    assert cfg.train.mixed_precision == "no"
