@@ -64,7 +64,7 @@ def build_vlm(cfg: Any, tokenizer: WordTokenizer | None, vision: tuple) -> VLM:
 def load_weights(core: VLM, state: dict[str, torch.Tensor], where: str) -> None:
     """Load a run's trainable state; everything missing must be frozen (a LoRA run's base LM)."""
     missing, unexpected = core.load_state_dict(state, strict=False)
-    frozen = {n for n, p in core.named_parameters() if not p.requires_grad} | {n for n, _ in core.named_buffers()}
+    frozen = {n for n, p in core.named_parameters(remove_duplicate=False) if not p.requires_grad} | {n for n, _ in core.named_buffers()}  # tied weights under every name
     if unexpected or set(missing) - frozen:
         raise EdgeGlassError(f"{where}: weights do not fit the model (missing {sorted(set(missing) - frozen)[:5]}, unexpected {unexpected[:5]})")
 

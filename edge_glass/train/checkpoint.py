@@ -128,7 +128,7 @@ class Checkpointer:
 
     def load(self, path: Path, model: torch.nn.Module, optimizer, scheduler) -> dict[str, Any]:
         missing, unexpected = model.load_state_dict(read_safetensors(path / "model.safetensors"), strict=False)
-        frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+        frozen = {n for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}  # tied weights under every name
         if unexpected or set(missing) - frozen - {n for n, _ in model.named_buffers()}:
             raise EdgeGlassError(f"{path}: checkpoint does not fit the model (missing {sorted(set(missing) - frozen)[:5]}, unexpected {unexpected[:5]})")
         optimizer.load_state_dict(_load(path / "optimizer.pt"))

@@ -205,3 +205,17 @@ def test_training_on_cuda_without_a_gpu_is_a_config_error(coco_subset, tmp_path)
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(alignment_cfg(coco_subset, POOLERS["mean"])))
     assert main(["train", str(path), "--out", str(tmp_path / "r"), "--set", "train.device=cuda", "--no-progress"]) == 2
+
+
+def test_a_lora_run_with_tied_embeddings_resumes_from_its_checkpoint(tiny_qwen_dir, tmp_path):
+    """The frozen base LM is not in the checkpoint; its tied lm_head (one tensor, two names) must
+    count as frozen too, or --resume refuses the checkpoint (found by scripts/gpu_check.py)."""
+    pytest.importorskip("easy_vqa")
+    cfg = vlm_cfg({"type": "lm", "model": str(tiny_qwen_dir), "lora_r": 4, "lora_dropout": 0.0}, data={"max_samples": 64})
+    run = train_cli(tmp_path, "lora", cfg)
+    assert list((run / "checkpoints").glob("step-*"))
+    path = tmp_path / "lora.yaml"
+    assert main(["train", str(path), "--out", str(run), "--resume", "--no-progress"]) == 0
+    import edge_glass
+
+    assert len(edge_glass.load(run, device="cpu").answer([Image_of(0)], ["what color is the shape?"])) == 1
