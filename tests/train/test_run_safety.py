@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
 from torch import nn
 
 from edge_glass.errors import EdgeGlassError
@@ -26,16 +25,11 @@ from edge_glass.train.logging import parse_line
 EDGE_GLASS = [sys.executable, "-m", "edge_glass.cli"]
 
 
+from helpers import write_config as _write_config
+
+
 def write_config(path: Path, coco_dir: Path, **train) -> Path:
-    cfg = {
-        "name": "tiny",
-        "encoders": {"image": {"type": "efficientnet_lite"}, "text": {"type": "sentence_transformer"}},
-        "model": {"dims": [64, 32], "heads": {"image": {"pooler": {"type": "perceiver", "dim": 64, "latents": 8, "depth": 1, "heads": 4}}}},
-        "data": {"train": [f"coco:{coco_dir}"], "split": {"val": 4, "test": 8}},
-        "train": {"epochs": 1, "batch_size": 16, "checkpoint_every": 5, "log_every": 3, "threads": 1, **train},
-    }
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+    return _write_config(path, coco_dir, **{"epochs": 1, **train})
 
 
 def start(args: list[str], logs: Path) -> subprocess.Popen:

@@ -21,16 +21,7 @@ from safetensors.torch import load_file
 EDGE_GLASS = [sys.executable, "-m", "edge_glass.cli"]
 
 
-def write_config(path: Path, coco_dir: Path, **train) -> Path:
-    cfg = {
-        "name": "tiny",
-        "encoders": {"image": {"type": "efficientnet_lite"}, "text": {"type": "sentence_transformer"}},
-        "model": {"dims": [64, 32], "heads": {"image": {"pooler": {"type": "perceiver", "dim": 64, "latents": 8, "depth": 1, "heads": 4}}}},
-        "data": {"train": [f"coco:{coco_dir}"], "split": {"val": 4, "test": 8}},
-        "train": {"epochs": 3, "batch_size": 16, "checkpoint_every": 5, "log_every": 3, "threads": 1, **train},
-    }
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+from helpers import write_config
 
 
 def run(*args: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
