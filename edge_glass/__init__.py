@@ -14,4 +14,19 @@ def load(run_dir, device=None):
     return _load(run_dir, device)
 
 
-__all__ = ["load", "__version__"]
+def export_run(run_dir, out, format="onnx", dim=None, int8=False, merge=False, threads=None):
+    """Export a run (onnx | sentence-transformers | hf | peft); see edge_glass.api.export.
+    (Not ``edge_glass.export``: that name is the subpackage holding the exporters.)"""
+    from .api import export as _export
+
+    return _export(run_dir, out, format, dim, int8, merge, threads)
+
+
+def from_pretrained(path, device=None):
+    """Load a save_pretrained directory; see edge_glass.api.from_pretrained."""
+    from .api import from_pretrained as _from_pretrained
+
+    return _from_pretrained(path, device)
+
+
+__all__ = ["load", "export_run", "from_pretrained", "__version__"]

@@ -5,6 +5,9 @@ looks the run's task up in the one registry (edge_glass.tasks) and calls it.
     img = model.encode_images(["a.jpg", pil_image], dim=128)    # (2, 128), unit rows
     txt = model.encode_texts(["a dog on a beach"])               # (1, 512) at the largest dim
     scores = img @ txt.T
+
+    edge_glass.export_run("runs/quickstart", "export/qs", dim=128, int8=True)   # ONNX towers for edge_glass.runtime
+    model = edge_glass.from_pretrained("hf/qs")                  # a save_pretrained / format="hf" directory
 """
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ import torch
 from torch import nn
 
 from .data.samples import DataReport
+from .errors import EdgeGlassError
 from .runs import RunDir
 from .tasks import task_class, task_for
 
@@ -50,3 +54,48 @@ def evaluate(run_dir: str | Path, data: str | None = None, progress: bool = True
 def parameter_rows(cfg: Any, run_dir: Path | None = None) -> list[tuple[str, int, int]]:
     """(module, total, trainable) parameter counts of an experiment, frozen backbones included."""
     return task_for(cfg).parameter_rows(run_dir)
+
+
+EXPORT_FORMATS = ("onnx", "torchscript", "sentence-transformers", "hf", "peft")
+
+
+def export(run_dir: str | Path, out: str | Path, format: str = "onnx", dim: int | None = None, int8: bool = False,
+           merge: bool = False, threads: int | None = None) -> Path:
+    """Write a trained run in another format into ``out`` and return it:
+
+    onnx                   one tower per modality for ``edge_glass.runtime.ExportedModel`` (no torch needed);
+                           ``dim`` truncates (Matryoshka), ``int8`` adds int8 graphs where they pay
+    sentence-transformers  the text tower as a SentenceTransformer directory (alignment runs)
+    hf                     save_pretrained: config.json + model.safetensors + a model card README.md
+    peft                   a LoRA decoder as a PEFT adapter (``merge``: a merged causal LM) + its projector
+    """
+    from .export import formats, onnx
+
+    if format not in EXPORT_FORMATS:
+        raise EdgeGlassError(f"--format {format}: choose one of {', '.join(EXPORT_FORMATS)}")
+    if format == "torchscript":
+        raise EdgeGlassError("--format torchscript is not implemented yet (ONNX covers the embedding towers; "
+                             "TorchScript for the TRM decoder is planned)")
+    if format == "onnx":
+        onnx.export_run(run_dir, out, dim=dim, int8=int8, threads=threads)
+        return Path(out)
+    model = load(run_dir, "cpu")
+    if format == "sentence-transformers":
+        return formats.export_sentence_transformer(model, out, dim)
+    if format == "hf":
+        return formats.save_pretrained(model, out)
+    return formats.save_peft_adapter(model, out, merge=merge)
+
+
+def from_pretrained(path: str | Path, device: str | torch.device | None = None) -> nn.Module:
+    """A model from a ``save_pretrained`` (``export --format hf``) directory, on ``device``."""
+    from .export.formats import from_pretrained as _from_pretrained
+
+    return _from_pretrained(path, resolve_device(device))
+
+
+def push_to_hub(path: str | Path, repo_id: str, private: bool | None = None, token: str | None = None) -> str:
+    """Upload an exported directory to the Hugging Face Hub; fails at once when no Hub is reachable."""
+    from .export.formats import push_to_hub as _push
+
+    return _push(Path(path), repo_id, private=private, token=token)

@@ -1,4 +1,4 @@
-"""edge-glass: train | eval | embed | speak | info. Thin: parses arguments and calls the library."""
+"""edge-glass: train | eval | embed | export | push | speak | info. Thin: parses arguments and calls the library."""
 from __future__ import annotations
 
 import argparse
@@ -42,6 +42,20 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--out", required=True, help="output .npz (embeddings, ids) or .safetensors")
     m.add_argument("--dim", type=int, help="embedding size (default: the largest)")
     m.add_argument("--device", help="cpu | cuda | cuda:N (default: CUDA if available)")
+
+    x = sub.add_parser("export", help="write a run as ONNX towers (edge_glass.runtime), a sentence-transformers / HF / PEFT directory")
+    x.add_argument("run_dir")
+    x.add_argument("--out", required=True, help="output directory (new or empty)")
+    x.add_argument("--format", default="onnx", choices=["onnx", "torchscript", "sentence-transformers", "hf", "peft"])
+    x.add_argument("--dim", type=int, help="Matryoshka dim of the towers (default: the largest)")
+    x.add_argument("--int8", action="store_true", help="onnx: add int8 graphs, shipped where they keep cosine >= 0.99 and run faster")
+    x.add_argument("--merge", action="store_true", help="peft: write the LoRA merged into the causal LM")
+    x.add_argument("--threads", type=int, help="onnx: onnxruntime threads for the parity and speed checks")
+
+    h = sub.add_parser("push", help="upload an exported directory to the Hugging Face Hub")
+    h.add_argument("path")
+    h.add_argument("repo_id")
+    h.add_argument("--private", action="store_true")
 
     s = sub.add_parser("speak", help="speak a dataset's captions with espeak-ng: image-audio-text triples + a JSONL manifest")
     s.add_argument("data", help="a dataset spec with captions, e.g. coco:coco1k")
@@ -248,6 +262,29 @@ def cmd_speak(args) -> None:
         print(report.summary())
 
 
+def cmd_export(args) -> None:
+    import json as _json
+
+    from .api import export
+    from .runtime import MANIFEST
+
+    out = export(args.run_dir, args.out, args.format, args.dim, args.int8, args.merge, args.threads)
+    if (out / MANIFEST).is_file() and args.format == "onnx":
+        manifest = _json.loads((out / MANIFEST).read_text())
+        for m, tower in manifest["towers"].items():
+            int8 = tower.get("int8")
+            note = "" if int8 is None else (f", int8 shipped (cosine {int8['min_cosine']:.4f}, {int8['speedup_vs_fp32_onnx']:.2f}x)" if int8["shipped"]
+                                            else f", int8 not shipped: {int8['why_not']}")
+            print(f"{m:6} {tower['file']} {tower['size_mb']} MB, fp32 cosine to PyTorch {tower['parity']['fp32_min_cosine']:.6f}{note}")
+    print(f"exported to {out}")
+
+
+def cmd_push(args) -> None:
+    from .api import push_to_hub
+
+    print(push_to_hub(args.path, args.repo_id, private=args.private or None))
+
+
 def cmd_info(args) -> None:
     from .api import parameter_rows
     from .config import dump_config, load_config
@@ -267,7 +304,8 @@ def cmd_info(args) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        {"train": cmd_train, "eval": cmd_eval, "embed": cmd_embed, "speak": cmd_speak, "info": cmd_info}[args.command](args)
+        {"train": cmd_train, "eval": cmd_eval, "embed": cmd_embed, "export": cmd_export, "push": cmd_push,
+         "speak": cmd_speak, "info": cmd_info}[args.command](args)
     except EdgeGlassError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

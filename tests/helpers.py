@@ -17,3 +17,20 @@ def write_config(path: Path, coco_dir: Path, **train) -> Path:
     }
     path.write_text(yaml.safe_dump(cfg))
     return path
+
+
+def save_tiny_qwen(out: Path, layers: int = 1) -> Path:
+    """A tiny random Qwen2 causal LM with a real byte-level BPE tokenizer (chat template), saved like a hub model."""
+    import torch
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    from decoders.conftest import QWEN2_TEMPLATE, bpe_tokenizer  # tests/ is on sys.path
+
+    tok = bpe_tokenizer(QWEN2_TEMPLATE)
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=2,
+                      num_key_value_heads=1, max_position_embeddings=128, tie_word_embeddings=True,
+                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out

@@ -9,8 +9,8 @@ from pathlib import Path
 import edge_glass
 
 ROOT = Path(edge_glass.__file__).parent
-LAYERS = ["errors", "paths", "registry", "atomic", "tensors", "media", "weights", "encoders", "data", "features",
-          "heads", "losses", "decoders", "models", "eval", "config", "runs", "tasks", "train", "api", "cli", "__init__"]
+LAYERS = ["errors", "paths", "registry", "atomic", "tensors", "media", "runtime", "weights", "encoders", "data", "features",
+          "heads", "losses", "decoders", "models", "eval", "config", "runs", "tasks", "export", "train", "api", "cli", "__init__"]
 
 
 def imports() -> list[tuple[str, str, str]]:

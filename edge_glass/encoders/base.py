@@ -155,8 +155,7 @@ class FrozenEncoder(nn.Module, ABC):
         self.ensure_loaded()
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.autocast == "bf16"):
             out = self.encode_batch(to_device(batch, self.device))
-        mask = out.mask.bool()
-        return EncoderOutput(out.tokens.float() * mask.unsqueeze(-1), mask, out.pooled.float())  # padding = 0
+        return frozen_output(out)
 
     def encode(self, items: Iterable[Any]) -> EncoderOutput:
         """Prepare, collate and encode a list of inputs (raises InputError on the first bad one)."""
@@ -206,6 +205,13 @@ class TrainableEncoder(nn.Module, ABC):
 
 
 Encoder = Union[FrozenEncoder, TrainableEncoder]
+
+
+def frozen_output(out: EncoderOutput) -> EncoderOutput:
+    """FrozenEncoder's output contract: float32 tokens with padded positions zeroed, a bool
+    mask, float32 pooled (applied to ``encode_batch``'s raw output; exported towers share it)."""
+    mask = out.mask.bool()
+    return EncoderOutput(out.tokens.float() * mask.unsqueeze(-1), mask, out.pooled.float())
 
 
 def digest_bytes(*parts: bytes) -> str:

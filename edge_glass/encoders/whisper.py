@@ -29,7 +29,6 @@ and the feature cache is s times smaller. ``pooled`` is the mean over the clip e
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Literal, NamedTuple
 
 import numpy as np
@@ -38,12 +37,12 @@ from pydantic import Field
 from torch import nn
 
 from ..weights.ctranslate2 import load_whisper, read_whisper_config, weights_digest
-from ..media.audio import audio_bytes, describe_audio, load_audio
+from ..media.audio import TARGET_SR, WHISPER_HOP, WHISPER_N_FFT, audio_bytes, describe_audio, load_audio, whisper_clip_frames, whisper_log_mel
 from ..tensors import masked_mean
 from .base import ENCODERS, EncoderConfig, EncoderOutput, FrozenEncoder, digest_bytes
 
-SAMPLE_RATE, HOP, N_FFT = 16000, 160, 400  # Whisper's front end: 25 ms windows every 10 ms
-LOG_FLOOR = -10.0  # log10 of the 1e-10 clamp: what all-zero (padding) frames give
+SAMPLE_RATE, HOP, N_FFT = TARGET_SR, WHISPER_HOP, WHISPER_N_FFT  # 25 ms windows every 10 ms
+clip_frames = whisper_clip_frames
 
 
 class AudioFeatures(NamedTuple):
@@ -55,31 +54,6 @@ class AudioFeatures(NamedTuple):
 class AudioBatch(NamedTuple):
     mel: torch.Tensor  # (B, n_mels, W_max)
     frames: torch.Tensor  # (B,) long
-
-
-def clip_frames(n_samples: int) -> int:
-    """Mel frames covering ``n_samples`` at 16 kHz, rounded up to even (two per encoder position)."""
-    f = max(1, math.ceil(n_samples / HOP))
-    return f + (f % 2)
-
-
-def log_mel(audio: np.ndarray, filters: torch.Tensor, width: int, max_frames: int) -> tuple[torch.Tensor, float]:
-    """The first ``width`` frames of Whisper's normalised log-mel of ``audio`` zero-padded to
-    ``max_frames`` (30 s): returns (mel (n_mels, width), pad value). Computed on
-    min(width, max_frames) * HOP samples only; columns past ``max_frames`` are zeros (the
-    convolution's own padding there)."""
-    need = min(width, max_frames)
-    x = torch.zeros(need * HOP)
-    n = min(len(audio), need * HOP)
-    x[:n] = torch.from_numpy(np.ascontiguousarray(audio[:n], dtype=np.float32))
-    stft = torch.stft(x, N_FFT, HOP, window=torch.hann_window(N_FFT), return_complex=True)
-    power = (stft[..., :-1].abs() ** 2).contiguous()  # (n_fft/2 + 1, need)
-    log = torch.clamp(filters.T @ power, min=1e-10).log10()  # (n_mels, need)
-    floor = max(log.max().item() - 8.0, LOG_FLOOR)  # frames beyond `need` are all at LOG_FLOOR
-    mel = (torch.clamp(log, min=floor) + 4.0) / 4.0
-    if width > need:
-        mel = torch.cat([mel, mel.new_zeros(mel.shape[0], width - need)], dim=1)
-    return mel, (floor + 4.0) / 4.0
 
 
 class WhisperEncoderConfig(EncoderConfig):
@@ -99,7 +73,7 @@ class WhisperAudioEncoder(FrozenEncoder):
     def __init__(self, cfg: WhisperEncoderConfig):
         super().__init__(cfg)
         self._config = None  # WhisperConfig, read without loading weights
-        self._filters: torch.Tensor | None = None
+        self._filters: np.ndarray | None = None
 
     # -- cheap metadata -----------------------------------------------------------------------
     @property
@@ -125,12 +99,12 @@ class WhisperAudioEncoder(FrozenEncoder):
                 "variable_length": self.cfg.variable_length, "max_seconds": self.cfg.max_seconds, **stride}
 
     # -- inputs ------------------------------------------------------------------------------
-    def mel_filters(self) -> torch.Tensor:
+    def mel_filters(self) -> np.ndarray:
         if self._filters is None:
             from transformers import WhisperFeatureExtractor
 
             fe = WhisperFeatureExtractor(feature_size=self.whisper_config.num_mel_bins)
-            self._filters = torch.from_numpy(fe.mel_filters.astype(np.float32))  # (n_fft/2 + 1, n_mels)
+            self._filters = fe.mel_filters.astype(np.float32)  # (n_fft/2 + 1, n_mels)
         return self._filters
 
     def prepare(self, item: Any) -> AudioFeatures:
@@ -138,8 +112,8 @@ class WhisperAudioEncoder(FrozenEncoder):
         audio = load_audio(item, SAMPLE_RATE, max_seconds=self.cfg.max_seconds)
         frames = min(clip_frames(len(audio)), self.max_frames)
         width = frames + 2 if self.cfg.variable_length else self.max_frames
-        mel, pad = log_mel(audio, self.mel_filters(), width, self.max_frames)
-        return AudioFeatures(mel, frames, pad)
+        mel, pad = whisper_log_mel(audio, self.mel_filters(), width, self.max_frames)
+        return AudioFeatures(torch.from_numpy(mel), frames, pad)
 
     def collate(self, prepared: list[AudioFeatures]) -> AudioBatch:
         width = max(p.mel.shape[1] for p in prepared)
@@ -169,15 +143,23 @@ class WhisperAudioEncoder(FrozenEncoder):
         return torch.zeros(valid.shape, dtype=dtype, device=valid.device).masked_fill(~valid, torch.finfo(dtype).min)[:, None, None, :]
 
     def encode_batch(self, batch: AudioBatch) -> EncoderOutput:
+        return self.encode_mel(batch.mel, batch.frames)
+
+    def encode_mel(self, mel: torch.Tensor, frames: torch.Tensor, always_mask: bool = False) -> EncoderOutput:
+        """(B, n_mels, W) log-mel padded as ``collate`` pads it + (B,) frames -> EncoderOutput.
+        Shapes follow from W alone (no data-dependent control flow), so the graph exports;
+        ``always_mask`` passes the key mask even when no clip is padded (one exported graph)."""
         enc = self.encoder
-        mel = batch.mel.to(enc.conv1.weight.device, enc.conv1.weight.dtype)
+        mel = mel.to(enc.conv1.weight.device, enc.conv1.weight.dtype)
         x = nn.functional.gelu(enc.conv1(mel))
         x = nn.functional.gelu(enc.conv2(x))  # (B, D, W / 2)
-        n_pos = (batch.frames // 2).to(x.device)  # real positions per clip
-        T = int(n_pos.max()) if self.cfg.variable_length else enc.config.max_source_positions
+        n_pos = (frames // 2).to(x.device)  # real positions per clip
+        # variable length: W = max(frames) + 2, so the longest clip fills W / 2 - 1 positions
+        T = x.shape[-1] - 1 if self.cfg.variable_length else enc.config.max_source_positions
         x = x[:, :, :T].transpose(1, 2) + enc.embed_positions.weight[:T]  # (B, T, D)
         valid = torch.arange(T, device=x.device) < n_pos[:, None]  # (B, T)
-        attn = self._key_mask(valid, x.dtype) if self.cfg.variable_length and not valid.all() else None
+        masked = self.cfg.variable_length and (always_mask or not bool(valid.all()))
+        attn = self._key_mask(valid, x.dtype) if masked else None
         for layer in enc.layers:
             x = layer(x, attn)
         x = enc.layer_norm(x)

@@ -16,7 +16,6 @@ from typing import Any
 
 import numpy as np
 import soundfile as sf
-from scipy.signal import resample_poly
 
 from ..errors import InputError
 from .files import read_bytes
@@ -148,6 +147,8 @@ def resample(x: np.ndarray, sr_in: int, sr_out: int = TARGET_SR) -> np.ndarray:
     """Polyphase resampling of a 1-D signal; output length = ceil(len * sr_out / sr_in)."""
     if sr_in == sr_out:
         return x.astype(np.float32, copy=False)
+    from scipy.signal import resample_poly  # imported when needed: a 16 kHz-only user never loads scipy.signal
+
     g = math.gcd(sr_in, sr_out)
     return resample_poly(x, sr_out // g, sr_in // g).astype(np.float32)
 
@@ -161,3 +162,40 @@ def load_audio(item: Any, sr: int = TARGET_SR, max_seconds: float | None = None)
     if max_seconds is not None:
         out = out[: math.ceil(max_seconds * sr)]
     return out
+
+
+# -- Whisper's log-mel front end (numpy only, so edge_glass.runtime shares it without torch) -----
+WHISPER_HOP, WHISPER_N_FFT = 160, 400  # 25 ms windows every 10 ms at 16 kHz
+LOG_FLOOR = -10.0  # log10 of the 1e-10 clamp: what all-zero (padding) frames give
+
+
+def whisper_clip_frames(n_samples: int) -> int:
+    """Mel frames covering ``n_samples`` at 16 kHz, rounded up to even (two per encoder position)."""
+    f = max(1, math.ceil(n_samples / WHISPER_HOP))
+    return f + (f % 2)
+
+
+def whisper_log_mel(audio: np.ndarray, filters: np.ndarray, width: int, max_frames: int) -> tuple[np.ndarray, float]:
+    """The first ``width`` frames of Whisper's normalised log-mel of ``audio`` zero-padded to
+    ``max_frames`` (30 s): returns (mel (n_mels, width) float32, pad value). ``filters`` is
+    (n_fft/2 + 1, n_mels) (WhisperFeatureExtractor.mel_filters). Computed on
+    min(width, max_frames) * hop samples only (a centred STFT, reflect-padded, periodic Hann
+    window, as torch.stft); columns past ``max_frames`` are zeros (the convolution's own padding
+    there). The clamp "max - 8" is taken over the computed frames, which equals the max over
+    the 30 s window since zero padding sits at the floor."""
+    need = min(width, max_frames)
+    x = np.zeros(need * WHISPER_HOP, np.float32)
+    n = min(len(audio), need * WHISPER_HOP)
+    x[:n] = audio[:n]
+    half = WHISPER_N_FFT // 2
+    padded = np.pad(x, half, mode="reflect")
+    frames = np.lib.stride_tricks.sliding_window_view(padded, WHISPER_N_FFT)[::WHISPER_HOP][:need]  # drop the last frame
+    window = 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(WHISPER_N_FFT) / WHISPER_N_FFT)
+    spectrum = np.fft.rfft(frames * window, axis=-1)  # (need, n_fft/2 + 1), float64 throughout
+    power = spectrum.real ** 2 + spectrum.imag ** 2
+    log = np.log10(np.maximum(filters.T.astype(np.float64) @ power.T, 1e-10))  # (n_mels, need)
+    floor = max(float(log.max()) - 8.0, LOG_FLOOR)  # frames beyond `need` are all at LOG_FLOOR
+    mel = (np.maximum(log, floor) + 4.0) / 4.0
+    if width > need:
+        mel = np.concatenate([mel, np.zeros((mel.shape[0], width - need), np.float32)], axis=1)
+    return mel.astype(np.float32), (floor + 4.0) / 4.0

@@ -78,16 +78,29 @@ def load_splits(cfg, encoders: dict, report: DataReport, progress: bool = True) 
     return out, split_record
 
 
-def heldout_data(model: AlignedModel, split: str, report: DataReport, progress: bool = True) -> PairedData:
-    """Rebuild a run's own held-out split (from its config and split.json)."""
+def split_samples(model: AlignedModel, split: str, report: DataReport) -> list[Sample]:
+    """The samples of one of a run's own splits ("train", "val", "test"), from its config and
+    split.json (which records the held-out groups: train is every other group)."""
     run = RunDir(model.run_dir)
     record = run.read_json("split.json")
     samples = []
     for spec in model.cfg.data.train:
-        groups = set(record.get(spec, {}).get(split, []))
-        samples += [s for s in limit_groups(read_dataset(spec, report), model.cfg.data.max_groups) if s.group in groups]
+        held_out = record.get(spec, {})
+        if split == "train":
+            out = set().union(*map(set, held_out.values()))
+            keep = lambda s: s.group not in out  # noqa: E731
+        else:
+            groups = set(held_out.get(split, []))
+            keep = lambda s: s.group in groups  # noqa: E731
+        samples += [s for s in limit_groups(read_dataset(spec, report), model.cfg.data.max_groups) if keep(s)]
     if not samples:
         raise EdgeGlassError(f"{run.path}: its {split} split is empty")
+    return samples
+
+
+def heldout_data(model: AlignedModel, split: str, report: DataReport, progress: bool = True) -> PairedData:
+    """Rebuild a run's own held-out split (from its config and split.json)."""
+    samples = split_samples(model, split, report)
     return build_paired_data(samples, dict(model.encoders), report, feature_cache_dir(model.cfg), model.cfg.cache.dtype, progress=progress)
 
 

@@ -10,6 +10,7 @@ import torch
 import yaml
 
 from edge_glass.cli import main
+from helpers import save_tiny_qwen
 
 
 def train_cli(root: Path, name: str, cfg: dict, *extra: str) -> Path:
@@ -122,19 +123,7 @@ def losses(run: Path) -> list[float]:
 @pytest.fixture(scope="module")
 def tiny_qwen_dir(tmp_path_factory) -> Path:
     """A tiny random Qwen2 causal LM with a real byte-level BPE tokenizer, saved like a hub model."""
-    from transformers import AutoModelForCausalLM, Qwen2Config
-
-    from decoders.conftest import QWEN2_TEMPLATE, bpe_tokenizer  # tests/ is on sys.path (tests/tasks is a package)
-
-    tok = bpe_tokenizer(QWEN2_TEMPLATE)
-    torch.manual_seed(0)
-    cfg = Qwen2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                      num_key_value_heads=1, max_position_embeddings=128, tie_word_embeddings=True,
-                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    out = tmp_path_factory.mktemp("tiny_qwen")
-    AutoModelForCausalLM.from_config(cfg).save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
+    return save_tiny_qwen(tmp_path_factory.mktemp("tiny_qwen"), layers=1)
 
 
 @pytest.mark.parametrize("kind", ["alignment", "tiny", "trm", "lm"])
