@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 import edge_glass
+from edge_glass.encoders.base import EncoderOutput, frozen_output
 from edge_glass.data.samples import DataReport
 from edge_glass.eval.retrieval import recall_at_k
 from edge_glass.export.onnx import export_run, quantize, run_items
@@ -41,17 +42,22 @@ def best_of(fn, repeats: int) -> float:
 
 
 def torch_forward(model, m: str, batch, dim: int, channels_last: bool, bf16: bool):
+    """One batch through the PyTorch encoder + head. Image rows pick the memory format
+    (the encoder itself runs channels_last since EfficientNetLiteEncoder version 2)."""
     enc, head = model.encoders[m].ensure_loaded(), model.core.heads[m]
-    if channels_last and m == "image":
-        enc.net.to(memory_format=torch.channels_last)
-        batch = batch.contiguous(memory_format=torch.channels_last)
-    elif m == "image":
-        enc.net.to(memory_format=torch.contiguous_format)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+
+    def encode():
+        if m != "image" or not hasattr(enc, "net"):
+            return enc.encode_batch(batch)
+        enc.net.to(memory_format=fmt)
+        fmap = enc.net.extract_features(batch.contiguous(memory_format=fmt))
+        tokens = fmap.flatten(2).transpose(1, 2)
+        return EncoderOutput(tokens, torch.ones(tokens.shape[:2], dtype=torch.bool), tokens.mean(1))
 
     def run():
         with torch.no_grad(), (torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else nullcontext()):
-            out = enc.encode_batch(batch)
-            return head.at_dim(type(out)(out.tokens.float() * out.mask[..., None], out.mask.bool(), out.pooled.float()), dim).float()
+            return head.at_dim(frozen_output(encode()), dim).float()
 
     return run
 
@@ -96,7 +102,8 @@ def main() -> None:
 
         variants = [("PyTorch fp32", False, False)]
         if m == "image":
-            variants += [("PyTorch channels_last", True, False), ("PyTorch channels_last + bf16", True, True)]
+            variants = [("PyTorch fp32 (NCHW)", False, False), ("PyTorch fp32 channels_last (the encoder's default)", True, False),
+                        ("PyTorch channels_last + bf16", True, True)]
         else:
             variants += [("PyTorch bf16 autocast", False, True)]
         for name, cl, bf16 in variants:

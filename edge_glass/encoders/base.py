@@ -18,12 +18,13 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 import hashlib
 import json
-from typing import Any, ClassVar, Iterable, NamedTuple, Union
+from typing import Any, ClassVar, Iterable, Literal, NamedTuple, Union
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
+from ..errors import EdgeGlassError
 from ..registry import Registry
 from ..tensors import to_device
 
@@ -59,6 +60,14 @@ class EncoderConfig(BaseModel):
     model: str = Field(description="pip-packaged name, local path or Hugging Face Hub id")
     batch_size: int = Field(32, ge=1, description="inputs per forward pass when encoding")
     autocast: str = Field("fp32", pattern="^(fp32|bf16)$", description="bf16 autocast while encoding")
+    backend: Literal["torch", "onnxruntime"] = Field(
+        "torch", description="onnxruntime (frozen encoders, CPU): the backbone is exported once to ONNX into the cache and runs there")
+
+    @model_validator(mode="after")
+    def _backend_runs_fp32(self):
+        if self.backend == "onnxruntime" and self.autocast != "fp32":
+            raise ValueError("backend onnxruntime runs the exported fp32 graph: use autocast fp32")
+        return self
 
 
 class FrozenEncoder(nn.Module, ABC):
@@ -125,12 +134,14 @@ class FrozenEncoder(nn.Module, ABC):
 
     # -- shared machinery --------------------------------------------------------------------
     def fingerprint(self) -> dict[str, Any]:
+        backend = {"backend": self.cfg.backend} if self.cfg.backend != "torch" else {}  # absent = torch: older caches stay valid
         return {
             "encoder": self.cfg.type,  # type: ignore[attr-defined]
             "version": self.version,
             "weights": self.weights_id(),
             "preprocessing": self.preprocessing(),
             "autocast": self.cfg.autocast,
+            **backend,
         }
 
     def cache_id(self) -> str:
@@ -153,9 +164,33 @@ class FrozenEncoder(nn.Module, ABC):
     def forward(self, batch: Any) -> EncoderOutput:
         """A collated batch (moved to the encoder's device) -> EncoderOutput on that device."""
         self.ensure_loaded()
+        if self.cfg.backend == "onnxruntime":
+            return frozen_output(self.graph_backend()(batch))
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.autocast == "bf16"):
             out = self.encode_batch(to_device(batch, self.device))
         return frozen_output(out)
+
+    # -- graphs (ONNX export and the onnxruntime backend; see graph.py) --------------------------
+    graph_input_names: ClassVar[list[str]] = []
+    graph_axes: ClassVar[list[dict[int, str]]] = []
+
+    def graph_inputs(self, batch: Any) -> tuple[torch.Tensor, ...]:
+        """A collated batch -> the tensors ``graph_forward`` takes."""
+        raise EdgeGlassError(f"encoder type {self.cfg.type!r} has no ONNX graph (backend onnxruntime, edge-glass export)")  # type: ignore[attr-defined]
+
+    def graph_forward(self, *inputs: torch.Tensor) -> EncoderOutput:
+        """``encode_batch`` on ``graph_inputs``' tensors, with shapes that follow from the inputs'."""
+        return self.encode_batch(*inputs)
+
+    def graph_backend(self):
+        if self.device.type != "cpu":
+            raise EdgeGlassError(f"{self.modality} encoder: backend onnxruntime runs on the CPU; use backend torch on {self.device}")
+        if getattr(self, "_graph", None) is None:
+            from ..paths import cache_root
+            from .graph import OnnxBackbone
+
+            self._graph = OnnxBackbone(self, cache_root() / "onnx" / f"{self.cache_id()}.onnx")
+        return self._graph
 
     def encode(self, items: Iterable[Any]) -> EncoderOutput:
         """Prepare, collate and encode a list of inputs (raises InputError on the first bad one)."""

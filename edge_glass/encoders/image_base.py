@@ -46,6 +46,12 @@ class ImageEncoder(FrozenEncoder):
     def collate(self, prepared: list[torch.Tensor]) -> torch.Tensor:
         return torch.stack(prepared)
 
+    graph_input_names = ["pixels"]
+    graph_axes = [{0: "batch"}]
+
+    def graph_inputs(self, pixels: torch.Tensor) -> tuple[torch.Tensor]:
+        return (pixels,)
+
     def content_key(self, item: Any) -> str:
         return digest_bytes(image_bytes(item))
 

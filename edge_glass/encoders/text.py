@@ -58,12 +58,21 @@ class SentenceTransformerEncoder(FrozenEncoder):
     def collate(self, prepared: list[str]) -> list[str]:
         return prepared
 
-    def encode_batch(self, texts: list[str]) -> EncoderOutput:
+    graph_input_names = ["input_ids", "attention_mask"]
+    graph_axes = [{0: "batch", 1: "tokens"}, {0: "batch", 1: "tokens"}]
+
+    def graph_inputs(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         features = self.st.preprocess(texts)
-        device = next(self.st.parameters()).device
-        features = {k: v.to(device) if torch.is_tensor(v) else v for k, v in features.items()}
-        out = self.st(features)
+        return features["input_ids"], features["attention_mask"]
+
+    def graph_forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> EncoderOutput:
+        # single sentences: token types are all 0 (what the tokenizer gives)
+        out = self.st({"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": torch.zeros_like(input_ids)})
         return EncoderOutput(out["token_embeddings"], out["attention_mask"].bool(), out["sentence_embedding"])
+
+    def encode_batch(self, texts: list[str]) -> EncoderOutput:
+        device = next(self.st.parameters()).device
+        return self.graph_forward(*(x.to(device) for x in self.graph_inputs(texts)))
 
     def content_key(self, item: Any) -> str:
         return digest_bytes(str(item).encode("utf-8"))

@@ -145,6 +145,15 @@ class WhisperAudioEncoder(FrozenEncoder):
     def encode_batch(self, batch: AudioBatch) -> EncoderOutput:
         return self.encode_mel(batch.mel, batch.frames)
 
+    graph_input_names = ["mel", "frames"]
+    graph_axes = [{0: "batch", 2: "half_width"}, {0: "batch"}]
+
+    def graph_inputs(self, batch: AudioBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        return batch.mel, batch.frames
+
+    def graph_forward(self, mel: torch.Tensor, frames: torch.Tensor) -> EncoderOutput:
+        return self.encode_mel(mel, frames, always_mask=True)
+
     def encode_mel(self, mel: torch.Tensor, frames: torch.Tensor, always_mask: bool = False) -> EncoderOutput:
         """(B, n_mels, W) log-mel padded as ``collate`` pads it + (B,) frames -> EncoderOutput.
         Shapes follow from W alone (no data-dependent control flow), so the graph exports;

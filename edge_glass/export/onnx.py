@@ -34,7 +34,8 @@ import torch
 from torch import nn
 
 from ..data.samples import DataReport
-from ..encoders.base import EncoderOutput, FrozenEncoder, frozen_output
+from ..encoders.base import FrozenEncoder, frozen_output
+from ..encoders.graph import export_onnx
 from ..encoders.image_base import ImageEncoder
 from ..encoders.text import SentenceTransformerEncoder
 from ..encoders.whisper import WhisperAudioEncoder
@@ -52,48 +53,22 @@ PARITY_SAMPLES = {"image": 64, "text": 256, "audio": 32}  # the min cosine over 
 
 
 class Tower(nn.Module):
-    """A frozen encoder + its trained head at one dim: model inputs -> (B, dim) unit rows."""
-
-    input_names: list[str]
+    """A frozen encoder's graph + its trained head at one dim: graph inputs -> (B, dim) unit rows."""
 
     def __init__(self, encoder: FrozenEncoder, head: ModalityHead, dim: int):
         super().__init__()
         self.encoder, self.head, self.dim = encoder, head, dim
+        self.input_names = list(encoder.graph_input_names)
 
-    def embed(self, out: EncoderOutput) -> torch.Tensor:
-        return self.head.at_dim(frozen_output(out), self.dim)
-
-
-class ImageTower(Tower):
-    input_names = ["pixels"]
-
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.embed(self.encoder.encode_batch(pixels))
-
-
-class TextTower(Tower):
-    input_names = ["input_ids", "attention_mask"]
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        features = {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": torch.zeros_like(input_ids)}
-        out = self.encoder.st(features)
-        return self.embed(EncoderOutput(out["token_embeddings"], out["attention_mask"].bool(), out["sentence_embedding"]))
-
-
-class AudioTower(Tower):
-    input_names = ["mel", "frames"]
-
-    def forward(self, mel: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
-        return self.embed(self.encoder.encode_mel(mel, frames, always_mask=True))
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        return self.head.at_dim(frozen_output(self.encoder.graph_forward(*inputs)), self.dim)
 
 
 def tower_for(modality: str, encoder: Any, head: ModalityHead, dim: int) -> Tower:
-    kinds = {ImageEncoder: ImageTower, SentenceTransformerEncoder: TextTower, WhisperAudioEncoder: AudioTower}
-    for kind, tower in kinds.items():
-        if isinstance(encoder, kind):
-            if getattr(encoder.cfg, "autocast", "fp32") != "fp32":
-                warnings.warn(f"{modality}: the encoder runs under {encoder.cfg.autocast} autocast in the run; the export is fp32", stacklevel=3)
-            return tower(encoder.ensure_loaded(), head, dim).eval()
+    if isinstance(encoder, (ImageEncoder, SentenceTransformerEncoder, WhisperAudioEncoder)):
+        if encoder.cfg.autocast != "fp32":
+            warnings.warn(f"{modality}: the encoder runs under {encoder.cfg.autocast} autocast in the run; the export is fp32", stacklevel=3)
+        return Tower(encoder.ensure_loaded(), head, dim).eval()
     raise EdgeGlassError(f"export: the {modality} encoder ({type(encoder).__name__}, type {getattr(encoder.cfg, 'type', '?')}) "
                          "has no ONNX tower yet (supported: image encoders, sentence_transformer text, whisper audio)")
 
@@ -125,22 +100,9 @@ def preprocessing(modality: str, encoder: Any, out: Path) -> dict[str, Any]:
 # --- graphs ---------------------------------------------------------------------------------------
 
 def export_graph(tower: Tower, inputs: tuple[np.ndarray, ...], path: Path) -> None:
-    """torch.export -> ONNX with dynamic batch (and sequence / frame) axes."""
-    batch = torch.export.Dim("batch", min=1, max=65536)
-    if isinstance(tower, TextTower):
-        seq = torch.export.Dim("tokens", min=1, max=4096)
-        shapes: Any = ({0: batch, 1: seq}, {0: batch, 1: seq})
-    elif isinstance(tower, AudioTower):
-        half = torch.export.Dim("half_width", min=2, max=4096)
-        shapes = ({0: batch, 2: 2 * half}, {0: batch})
-    else:
-        shapes = ({0: batch},)
+    """torch.export -> ONNX with the encoder's dynamic axes (batch, tokens, frames)."""
     args = tuple(torch.from_numpy(x) for x in inputs)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        program = torch.onnx.export(tower, args, dynamo=True, input_names=tower.input_names, output_names=["shared_space"],
-                                    dynamic_shapes=shapes, verbose=False, optimize=True)
-        program.save(str(path))
+    export_onnx(tower, args, path, tower.input_names, ["shared_space"], tower.encoder.graph_axes)
 
 
 def quantize(fp32: Path, out: Path, modality: str, calibration: list[tuple[np.ndarray, ...]], input_names: list[str]) -> str:
