@@ -82,6 +82,8 @@ def main() -> None:
     manifest = json.loads((out / MANIFEST).read_text())
     dim = manifest["dim"]
     model = edge_glass.load(args.run, "cpu")
+    for enc in model.encoders.values():  # "PyTorch" rows run PyTorch even for a run trained with backend onnxruntime
+        enc.cfg = enc.cfg.model_copy(update={"backend": "torch"})
     fp32 = ExportedModel(out, precision="fp32", threads=args.threads)
     int8_files: dict[str, str] = {}
     rows, results = [], {"run": args.run, "export": str(out), "dim": dim, "threads": args.threads, "batch": args.batch, "rows": []}

@@ -9,6 +9,7 @@ flow), ``graph_input_names`` and ``graph_axes`` (per input, {axis: "batch" | "to
 """
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 import warnings
@@ -39,6 +40,9 @@ def export_onnx(module: nn.Module, inputs: tuple[torch.Tensor, ...], path: Path,
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".onnx")
     os.close(fd)
+    quiet = logging.getLogger("torch.onnx")  # e.g. "torchvision is not installed. Skipping torchvision::nms"
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -47,6 +51,7 @@ def export_onnx(module: nn.Module, inputs: tuple[torch.Tensor, ...], path: Path,
             program.save(tmp)
         os.replace(tmp, path)
     finally:
+        quiet.setLevel(level)
         if os.path.exists(tmp):
             os.unlink(tmp)
 
