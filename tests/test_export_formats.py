@@ -14,6 +14,7 @@ import pytest
 import torch
 import yaml
 
+import edge_glass
 from edge_glass.cli import main
 from edge_glass.errors import EdgeGlassError
 from helpers import save_tiny_qwen
@@ -364,3 +365,23 @@ def test_runs_without_lora_adapters_are_refused(vlm_runs, aligned, tmp_path):
     with pytest.raises(EdgeGlassError, match="needs a vlm run"):
         save_peft_adapter(load(aligned["pooled"]), tmp_path / "b", merge=True)
     assert not list(tmp_path.iterdir())
+
+
+# --- the CLI verbs ---------------------------------------------------------------------------------
+
+def test_the_export_verb_writes_every_format_and_from_pretrained_reads_hf(aligned, vlm_runs, captions, photos, tmp_path, capsys):
+    from sentence_transformers import SentenceTransformer
+
+    run = next(iter(aligned.values()))
+    model = load(run)
+    assert main(["export", str(run), "--format", "sentence-transformers", "--dim", "16", "--out", str(tmp_path / "st")]) == 0
+    st = SentenceTransformer(str(tmp_path / "st"), device="cpu")
+    assert_close_rel(torch.from_numpy(st.encode(captions)), model.encode_texts(captions, dim=16), FP32_NET, "ST export via the CLI")
+    assert main(["export", str(run), "--format", "hf", "--out", str(tmp_path / "hf")]) == 0
+    again = edge_glass.from_pretrained(tmp_path / "hf", device="cpu")
+    assert_close_rel(again.encode_images([str(p) for p in photos]), model.encode_images([str(p) for p in photos]), FP32_OPS, "hf via the CLI")
+    assert main(["export", str(vlm_runs["lora"]), "--format", "peft", "--merge", "--out", str(tmp_path / "merged")]) == 0
+    assert (tmp_path / "merged" / "projector.safetensors").is_file() and (tmp_path / "merged" / "config.json").is_file()
+    capsys.readouterr()
+    assert main(["export", str(run), "--format", "peft", "--out", str(tmp_path / "no")]) == 2  # an alignment run has no LoRA
+    assert "error:" in capsys.readouterr().err and not (tmp_path / "no").exists()
