@@ -119,7 +119,7 @@ def main() -> None:
             int8_file = str(tmp / f"{m}.int8.onnx")
             calibration = []
             if m == "image":
-                cal = run_items(model, "train", m, 128)
+                cal = run_items(model, "train", m)[-128:]
                 calibration = [fp32.prepare(m, cal[s : s + 16]) for s in range(0, len(cal), 16)]
             quantize(out / tower["file"], Path(int8_file), m, calibration, tower["inputs"])
         int8_files[m] = int8_file

@@ -35,14 +35,14 @@ def unit_rows(x: np.ndarray, dim: int | None = None) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
-def _size(item: Any) -> int:
-    """A cheap length of a text, encoded bytes or file (for batching similar sizes together)."""
-    if isinstance(item, (str, bytes, bytearray)) and not (isinstance(item, str) and os.path.isfile(item)):
-        return len(item)
+def _size(modality: str, item: Any) -> int:
+    """A cheap length of a text, or of an audio input's encoded bytes (for batching similar sizes together)."""
+    if modality == "text" or isinstance(item, (bytes, bytearray)):
+        return len(item) if isinstance(item, (str, bytes, bytearray)) else 0
     try:
         return os.path.getsize(item)
-    except (OSError, TypeError):
-        return 0
+    except (OSError, TypeError, ValueError):
+        return 0  # a bad path: prepare() names it
 
 
 class ExportedModel:
@@ -166,7 +166,7 @@ class ExportedModel:
         session, names = self.session(modality, file), self.input_names(modality)
         order = list(range(len(items)))
         if modality in ("text", "audio"):  # similar lengths together: less padding (a row does not depend on its batch)
-            order.sort(key=lambda i: _size(items[i]))
+            order.sort(key=lambda i: _size(modality, items[i]))
         out = np.zeros((len(items), self.dim), np.float32)
         for s in range(0, len(items), bs):
             idx = order[s : s + bs]
