@@ -26,7 +26,7 @@ import edge_glass
 from edge_glass.encoders.base import EncoderOutput, frozen_output
 from edge_glass.data.samples import DataReport
 from edge_glass.eval.retrieval import recall_at_k
-from edge_glass.export.onnx import export_run, quantize, run_items
+from edge_glass.export.onnx import calibration_batches, export_run, quantize, run_items
 from edge_glass.runtime import MANIFEST, ExportedModel, unit_rows
 from edge_glass.tasks.alignment import split_samples
 
@@ -117,10 +117,7 @@ def main() -> None:
         int8_file = int8.get("file")
         if not int8_file:
             int8_file = str(tmp / f"{m}.int8.onnx")
-            calibration = []
-            if m == "image":
-                cal = run_items(model, "train", m)[-128:]
-                calibration = [fp32.prepare(m, cal[s : s + 16]) for s in range(0, len(cal), 16)]
+            calibration = calibration_batches(model, fp32, m, 128) if m == "image" else []
             quantize(out / tower["file"], Path(int8_file), m, calibration, tower["inputs"])
         int8_files[m] = int8_file
         for name, file in (("ONNX Runtime fp32", tower["file"]), ("ONNX Runtime int8" + ("" if int8.get("shipped") else " (not shipped)"), int8_file)):

@@ -243,15 +243,18 @@ def export_run(run_dir: str | Path, out: str | Path, dim: int | None = None, fmt
     return manifest
 
 
+def calibration_batches(model: AlignedModel, runtime: ExportedModel, m: str, n: int, batch: int = 16) -> list[tuple[np.ndarray, ...]]:
+    """Static-quantization calibration: the last ``n`` distinct train inputs (the checks take train
+    inputs from the start), preprocessed by the runtime in batches."""
+    items = run_items(model, "train", m)[-n:]
+    return [runtime.prepare(m, items[s : s + batch]) for s in range(0, len(items), batch)]
+
+
 def int8_variant(model: AlignedModel, runtime: ExportedModel, work: Path, m: str, input_names: list[str], test_items: list[Any],
                  reference: np.ndarray, calibration_samples: int) -> dict[str, Any]:
     """Quantize one tower, measure it against PyTorch fp32 and the fp32 graph, decide whether to ship it."""
     fp32, path = work / f"{m}.onnx", work / f"{m}.int8.onnx"
-    calibration = []
-    if m == "image":
-        items = run_items(model, "train", m)[-calibration_samples:]  # the end: the checks take train inputs from the start
-        bs = 16
-        calibration = [runtime.prepare(m, items[s : s + bs]) for s in range(0, len(items), bs)]
+    calibration = calibration_batches(model, runtime, m, calibration_samples) if m == "image" else []
     method = quantize(fp32, path, m, calibration, input_names)
     inputs = runtime.prepare(m, test_items[:32])
     t_fp32 = time_graph(runtime, m, inputs, fp32.name)
