@@ -8,6 +8,7 @@ looks the run's task up in the one registry (edge_glass.tasks) and calls it.
 
     edge_glass.export_run("runs/quickstart", "export/qs", dim=128, int8=True)   # ONNX towers for edge_glass.runtime
     model = edge_glass.from_pretrained("hf/qs")                  # a save_pretrained / format="hf" directory
+    edge_glass.api.report("runs/quickstart")                     # runs/quickstart/report/report.html + figures
 """
 from __future__ import annotations
 
@@ -99,3 +100,20 @@ def push_to_hub(path: str | Path, repo_id: str, private: bool | None = None, tok
     from .export.formats import push_to_hub as _push
 
     return _push(Path(path), repo_id, private=private, token=token)
+
+
+def report(run_dir: str | Path, data: str | list[str] | None = None, out: str | Path | None = None, progress: bool = True,
+           device: str | torch.device | None = None, **options: Any) -> Path:
+    """Evaluate a run as ``evaluate`` does (on each of ``data``: dataset specs; default the run's
+    test split, its data.eval sets and, for FSDD-trained alignment runs, FSDD's test takes), write
+    the metrics (``out``/eval*.json, the run's eval*.json refreshed), draw the figures (PNG + SVG
+    under ``out``/figures) and return ``out``/report.html (default ``out``: RUN/report), one
+    self-contained page. A directory holding ablation.json gets the comparison of its variants.
+    ``options``: fields of edge_glass.report.ReportOptions (tsne_points=800, queries=8, ...)."""
+    from .report import ReportOptions, build_report
+
+    unknown = sorted(set(options) - set(ReportOptions.__dataclass_fields__))
+    if unknown:
+        raise EdgeGlassError(f"report: unknown option {', '.join(unknown)}; known: {', '.join(ReportOptions.__dataclass_fields__)}")
+    specs = [data] if isinstance(data, str) else data
+    return build_report(run_dir, specs, out, progress=progress, device=resolve_device(device), options=ReportOptions(**options))

@@ -1,4 +1,4 @@
-"""edge-glass: train | eval | embed | export | push | speak | info. Thin: parses arguments and calls the library."""
+"""edge-glass: train | eval | report | embed | export | push | speak | info. Thin: parses arguments and calls the library."""
 from __future__ import annotations
 
 import argparse
@@ -32,6 +32,19 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--json", help="also write the metrics to this file")
     e.add_argument("--no-progress", action="store_true")
     e.add_argument("--device", help="cpu | cuda | cuda:N (default: CUDA if available)")
+
+    r = sub.add_parser("report", help="evaluate a run and write report.html: figures, tables, sample retrievals / predictions")
+    r.add_argument("run_dir", help="a run directory (or an ablation directory with ablation.json)")
+    r.add_argument("--data", action="append", default=[], metavar="SPEC",
+                   help="evaluate on this dataset spec (repeatable; default: the run's test split, its data.eval sets, FSDD's test takes)")
+    r.add_argument("--out", help="output folder (default RUN/report): report.html, figures/*.png|svg, eval*.json")
+    r.add_argument("--tsne-points", type=int, default=800, metavar="N", help="t-SNE on a seeded subsample of at most N items (default 800)")
+    r.add_argument("--queries", type=int, default=8, metavar="N", help="sample queries per retrieval direction (default 8)")
+    r.add_argument("--predictions", type=int, default=12, metavar="N", help="sample predictions shown for a vlm run (default 12)")
+    r.add_argument("--no-svg", action="store_true", help="write PNG figures only")
+    r.add_argument("--no-refresh", action="store_true", help="leave the run's eval*.json as they are (the report folder still gets its own)")
+    r.add_argument("--no-progress", action="store_true")
+    r.add_argument("--device", help="cpu | cuda | cuda:N (default: CUDA if available)")
 
     m = sub.add_parser("embed", help="embed images, audio or texts with a run's model")
     m.add_argument("run_dir")
@@ -153,6 +166,29 @@ def cmd_eval(args) -> None:
         where = Path(args.json).with_suffix(".predictions.json") if args.json else Path(args.run_dir) / f"predictions_{slug(args.data or 'test')}.json"
         atomic_write_json(where, predictions)
         print(f"sample predictions: {where}")
+
+
+def cmd_report(args) -> None:
+    from .api import report
+
+    for flag, value in (("--tsne-points", args.tsne_points), ("--queries", args.queries), ("--predictions", args.predictions)):
+        if value < 0:
+            raise EdgeGlassError(f"{flag} {value}: must be 0 or more")
+    if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
+        raise EdgeGlassError(f"--out {args.out}: is a file, expected a folder")
+    if args.no_progress:
+        try:
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
+        except ImportError:
+            pass
+    start = time.time()
+    html = report(args.run_dir, args.data or None, args.out, progress=not args.no_progress, device=args.device,
+                  tsne_points=args.tsne_points, queries=args.queries, predictions=args.predictions,
+                  formats=("png",) if args.no_svg else ("png", "svg"), refresh_run_eval=not args.no_refresh)
+    figures = sorted((html.parent / "figures").glob("*.png"))
+    print(f"wrote {html} ({len(figures)} figures in {html.parent / 'figures'}) in {time.time() - start:.1f} s")
 
 
 def _list_files(folder: str, suffixes: set[str]) -> list[Path]:
@@ -304,7 +340,7 @@ def cmd_info(args) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        {"train": cmd_train, "eval": cmd_eval, "embed": cmd_embed, "export": cmd_export, "push": cmd_push,
+        {"train": cmd_train, "eval": cmd_eval, "report": cmd_report, "embed": cmd_embed, "export": cmd_export, "push": cmd_push,
          "speak": cmd_speak, "info": cmd_info}[args.command](args)
     except EdgeGlassError as err:
         print(f"error: {err}", file=sys.stderr)

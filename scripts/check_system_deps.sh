@@ -2,7 +2,9 @@
 # System (non-pip) dependencies: installs what is missing with apt-get where it can (as root, or
 # through sudo), then checks again. Called by scripts/setup.sh; safe to re-run.
 #
-#   espeak-ng   speech synthesis (edge-glass speak, spoken captions; the speech tests use it)
+#   espeak-ng          speech synthesis (edge-glass speak, spoken captions; the speech tests use it)
+#   chromium           headless browser the report tests render report.html in (edge-glass report)
+#   chromium-driver    chromedriver, through which selenium drives it
 #
 # Still missing afterwards: with CI=true (or 1 / yes) in the environment, a one-line error and
 # exit 1, so CI cannot go green with every speech test skipped; otherwise a warning and exit 0
@@ -53,6 +55,8 @@ require() {
 
 status=0
 require espeak-ng espeak-ng "speech synthesis (edge-glass speak)" || status=1
+require chromium chromium "rendering report.html in the report tests (headless Chromium)" || status=1
+require chromedriver chromium-driver "driving headless Chromium from the report tests (selenium)" || status=1
 
 if [ "$status" != 0 ] && is_ci; then
   exit 1

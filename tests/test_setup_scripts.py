@@ -28,9 +28,10 @@ def stub(folder: Path, name: str, body: str) -> Path:
     return path
 
 
-def bin_dir(tmp_path: Path, *, root: bool = False) -> Path:
+def bin_dir(tmp_path: Path, *, root: bool = False, browser: bool = True) -> Path:
     """A PATH folder with bash and id only: no apt-get, no sudo, no espeak-ng. root=True stubs id
-    to print uid 0, so the script takes its apt-get path without sudo whoever runs the tests."""
+    to print uid 0, so the script takes its apt-get path without sudo whoever runs the tests.
+    browser=True stubs chromium and chromedriver (present), so the espeak-ng tests see espeak-ng alone missing."""
     folder = tmp_path / "bin"
     folder.mkdir()
     os.symlink(BASH, folder / "bash")
@@ -38,6 +39,9 @@ def bin_dir(tmp_path: Path, *, root: bool = False) -> Path:
         stub(folder, "id", 'echo 0')
     else:
         os.symlink(shutil.which("id"), folder / "id")
+    if browser:
+        stub(folder, "chromium", "exit 0")
+        stub(folder, "chromedriver", "exit 0")
     return folder
 
 
@@ -102,6 +106,43 @@ def test_setup_sh_runs_the_check_and_does_not_swallow_its_failure():
     assert "set -euo pipefail" in setup
     calls = [line.strip() for line in setup.splitlines() if "check_system_deps.sh" in line and not line.lstrip().startswith("#")]
     assert calls == ["bash scripts/check_system_deps.sh"]  # no "|| true": its exit status stops setup.sh
+
+
+# --- chromium (the report tests render report.html in it) --------------------------------------
+
+def test_missing_chromium_without_apt_get_fails_under_ci(tmp_path):
+    folder = bin_dir(tmp_path, browser=False)
+    stub(folder, "espeak-ng", "exit 0")
+    proc = check(folder, "true")
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 2, proc.stderr  # chromium, chromium-driver: one line each
+    assert all(line.startswith("error:") and "no apt-get" in line for line in lines)
+    assert "chromium" in lines[0] and "report.html" in lines[0] and "chromium-driver" in lines[1]
+
+
+def test_missing_chromium_outside_ci_only_warns(tmp_path):
+    folder = bin_dir(tmp_path, browser=False)
+    stub(folder, "espeak-ng", "exit 0")
+    proc = check(folder, None)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.startswith("warning:") and "chromium" in proc.stderr
+
+
+def test_apt_get_installs_chromium_and_its_driver(tmp_path):
+    folder = bin_dir(tmp_path, root=True, browser=False)
+    stub(folder, "espeak-ng", "exit 0")
+    os.symlink(shutil.which("chmod"), folder / "chmod")
+    calls = tmp_path / "apt-calls"
+    stub(folder, "apt-get", f'''echo "$*" >> {calls}
+case "$*" in
+  "install -y -q chromium") echo exit 0 > {folder}/chromium; chmod +x {folder}/chromium ;;
+  "install -y -q chromium-driver") echo exit 0 > {folder}/chromedriver; chmod +x {folder}/chromedriver ;;
+  *) exit 100 ;;
+esac''')
+    proc = check(folder, "true")
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    assert calls.read_text().splitlines() == ["install -y -q chromium", "install -y -q chromium-driver"]
 
 
 # --- the espeak fixture -----------------------------------------------------------------------

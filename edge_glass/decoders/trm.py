@@ -90,6 +90,7 @@ class TRMDecoder(Decoder):
         self.register_buffer("y_init", nn.init.trunc_normal_(torch.empty(D), std=1.0, a=-2, b=2))
         self.register_buffer("z_init", nn.init.trunc_normal_(torch.empty(D), std=1.0, a=-2, b=2))
         self.last_sup_steps: torch.Tensor | None = None  # (B,) steps used for the last generated token
+        self.step_trace: list[torch.Tensor] | None = None  # a list: next_token_logits appends each (B,) last_sup_steps (CPU)
 
     # -- the recursion ----------------------------------------------------------------------
     def context(self, prefix: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
@@ -186,4 +187,6 @@ class TRMDecoder(Decoder):
         supervision steps used per row in ``last_sup_steps``."""
         x, mask = self.context(prefix, input_ids, attention_mask, prefix_mask)
         y, self.last_sup_steps = self.think(x, mask)
+        if self.step_trace is not None:
+            self.step_trace.append(self.last_sup_steps.cpu())
         return self.lm_head(y[:, -1]), None

@@ -6,7 +6,7 @@ takes of the same ten words (and, unless a speaker was held out of training, the
 benchmarks/fsdd_heldout_speaker.py measures a speaker never heard in training.
 
     spoken_digit_accuracy(model, data)  ->  {"accuracy": 81.3, "chance": 10.0, "n": 300,
-                                        "per_speaker": {"george": 84.0, ...},
+                                        "per_speaker": {"george": 84.0, ...}, "per_digit": {"zero": 90.0, ...},
                                         "dims": {"512": {"accuracy": ..., "per_speaker": {...}}, ...}}
 
 Accuracies are percentages; the top-level numbers are those of the largest dim.
@@ -48,6 +48,8 @@ def spoken_digit_accuracy(model, data: PairedData, batch_size: int = 256) -> dic
     queries = embed_rows(model.core, data, "audio", rows, batch_size)
     out: dict[str, Any] = {"chance": round(100.0 / len(DIGIT_WORDS), 2), "n": len(keep), "dims": {}}
     for d in model.dims:
-        acc, per = accuracy_by_group(queries[d], model.encode_texts(DIGIT_WORDS, dim=d), targets, speakers)
-        out["dims"][str(d)] = {"accuracy": acc, "per_speaker": per}
+        classes = model.encode_texts(DIGIT_WORDS, dim=d)
+        acc, per = accuracy_by_group(queries[d], classes, targets, speakers)
+        _, per_digit = accuracy_by_group(queries[d], classes, targets, [data.samples[i].text for i in keep])
+        out["dims"][str(d)] = {"accuracy": acc, "per_speaker": per, "per_digit": {w: per_digit[w] for w in DIGIT_WORDS if w in per_digit}}
     return {**out["dims"][str(model.dims[0])], **out}

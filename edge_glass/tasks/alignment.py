@@ -250,9 +250,11 @@ class AlignmentTask(Task):
                     warnings.warn(f"{run.path}: the {m} backbone's weights differ from those the heads were trained on", stacklevel=2)
         return AlignedModel(cfg, encoders, core, run.path).to(device)
 
-    def evaluate_run(self, model: AlignedModel, spec: str | None, report, progress: bool = True) -> dict[str, Any]:
+    def evaluate_run(self, model: AlignedModel, spec: str | None, report, progress: bool = True,
+                     details: dict[str, Any] | None = None) -> dict[str, Any]:
         """Retrieval on a dataset spec (its predefined test split only, if it has one) or on the
-        run's own test split; on ``fsdd:DIR`` also closed-set spoken-digit accuracy."""
+        run's own test split; on ``fsdd:DIR`` also closed-set spoken-digit accuracy. ``details``
+        (a dict, for edge-glass report) receives the evaluated PairedData under "data"."""
         cfg = model.cfg
         if spec:
             samples = evaluation_samples(read_dataset(spec, report))
@@ -260,6 +262,8 @@ class AlignmentTask(Task):
             report.kept[spec] += len(data)
         else:
             data = heldout_data(model, "test", report, progress)
+        if details is not None:
+            details["data"] = data
         result = evaluate_retrieval(model.core, data, cfg.eval.ks, cfg.eval.batch_size, dims=cfg.eval.dims)
         if spec and parse_spec(spec)[0].startswith("fsdd") and {"audio", "text"} <= set(model.encoders):
             result["digits"] = spoken_digit_accuracy(model, data)

@@ -85,8 +85,10 @@ class Task(ABC):
         """The inference model of a run directory (runs.RunDir), on ``device``."""
 
     @abstractmethod
-    def evaluate_run(self, model: nn.Module, spec: str | None, report, progress: bool = True) -> dict[str, Any]:
-        """Metrics of a loaded run on a data spec, or on its own test split (spec None)."""
+    def evaluate_run(self, model: nn.Module, spec: str | None, report, progress: bool = True,
+                     details: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Metrics of a loaded run on a data spec, or on its own test split (spec None); a
+        ``details`` dict receives what the report draws beyond the metrics (task-specific)."""
 
     @abstractmethod
     def parameter_rows(self, run_dir=None) -> list[tuple[str, int, int]]:

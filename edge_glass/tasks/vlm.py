@@ -102,12 +102,28 @@ def split_per_dataset(parts: dict[str, list[QASample]], val: float, test: float,
     return where
 
 
-def qa_results(core: VLM, data: QAData, batch_size: int, max_new_tokens: int, samples: int, majority: str | None) -> dict[str, Any]:
+def qa_results(core: VLM, data: QAData, batch_size: int, max_new_tokens: int, samples: int, majority: str | None,
+               details: dict[str, Any] | None = None) -> dict[str, Any]:
+    """EM / F1 of generated answers. ``details`` (a dict) receives every sample's prediction under
+    "predictions", each with "halt_steps" (supervision steps per generated token) for a TRM decoder."""
     preds: list[str] = []
+    halt: list[list[int]] = []
+    trace = details is not None and hasattr(core.decoder, "step_trace")
     for s in range(0, len(data), batch_size):
         batch = data.batch(torch.arange(s, min(s + batch_size, len(data))))
-        preds += core.answer(batch.features if core.fusion.uses_image else None, batch.questions, max_new_tokens)
+        if trace:
+            core.decoder.step_trace = []
+        try:
+            preds += core.answer(batch.features if core.fusion.uses_image else None, batch.questions, max_new_tokens)
+            if trace:
+                halt += torch.stack(core.decoder.step_trace, 1).tolist() if core.decoder.step_trace else [[] for _ in batch.questions]
+        finally:
+            if trace:
+                core.decoder.step_trace = None
     refs = [s.answer for s in data.samples]
+    if details is not None:
+        details["predictions"] = [{"image": s.image, "question": s.question, "answer": s.answer, "prediction": p, "source": s.source,
+                                   **({"halt_steps": h} if trace else {})} for s, p, h in zip(data.samples, preds, halt or [None] * len(preds))]
     result: dict[str, Any] = qa_metrics(preds, refs)
     result["distinct_answers"] = len(set(preds))
     if majority is not None:
@@ -226,9 +242,11 @@ class VLMTask(Task):
         majority = run.read_json("qa.json").get("majority_answer") if run.file("qa.json").exists() else None
         return VisionLanguageModel(cfg, vision[0], core, majority, run.path).to(device)
 
-    def evaluate_run(self, model: VisionLanguageModel, spec: str | None, report, progress: bool = True) -> dict[str, Any]:
+    def evaluate_run(self, model: VisionLanguageModel, spec: str | None, report, progress: bool = True,
+                     details: dict[str, Any] | None = None) -> dict[str, Any]:
         """EM / F1 on a QA spec (its own test split when it names one), or on the run's own test
-        split (split.json) without one."""
+        split (split.json) without one. ``details`` (a dict) receives every sample's prediction
+        (see qa_results)."""
         cfg = model.cfg
         if spec:
             samples = read_qa(spec, report)
@@ -243,7 +261,7 @@ class VLMTask(Task):
                 raise EdgeGlassError(f"{model.run_dir}: its test split is empty; pass --data")
         data = build_qa_data(samples, model.encoder, report, feature_cache_dir(cfg), cfg.cache.dtype, progress)
         e = cfg.eval
-        return qa_results(model.core, data, e.batch_size, e.max_new_tokens, e.samples, model.majority)
+        return qa_results(model.core, data, e.batch_size, e.max_new_tokens, e.samples, model.majority, details)
 
     def parameter_rows(self, run_dir=None) -> list[tuple[str, int, int]]:
         cfg = self.cfg

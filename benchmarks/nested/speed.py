@@ -1,0 +1,139 @@
+"""Fast-weight kernels: chunked (WY / UT transform) vs per-token recurrent forward time, and the
+peak memory of a training step (forward + backward) of a fast-weight layer vs softmax attention,
+over sequence lengths, in one run.
+
+    python benchmarks/nested/speed.py --json runs/bench/nested/speed.json
+    python benchmarks/nested/speed.py --lengths 256 1024 --quick
+
+Time: best of ``--repeats`` forward passes of the gated delta kernels (no autograd), batch 2,
+4 heads, head dim 32 (q, k, v, beta, decay random, k unit-norm), ``--threads`` threads.
+Memory: each (layer, length) runs in a fresh subprocess; the figure is the growth of peak RSS
+(``ru_maxrss``) over the process's RSS just before the step, so it counts activations kept for
+backward, attention matrices and gradients, not the interpreter or torch itself.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+
+def _inputs(T: int, B: int = 2, H: int = 4, d: int = 32, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    q = F.normalize(torch.randn(B, H, T, d, generator=g), dim=-1)
+    k = F.normalize(torch.randn(B, H, T, d, generator=g), dim=-1)
+    v = torch.randn(B, H, T, d, generator=g)
+    beta = torch.sigmoid(torch.randn(B, H, T, generator=g))
+    decay = torch.sigmoid(torch.randn(B, H, T, generator=g) + 3)
+    return q, k, v, beta, decay
+
+
+def _best(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def time_kernels(lengths: list[int], chunk_size: int, repeats: int, recurrent_max: int) -> list[dict]:
+    from edge_glass.nested.fast_weights import delta_rule_chunked, delta_rule_recurrent
+
+    rows = []
+    for T in lengths:
+        q, k, v, beta, decay = _inputs(T)
+        with torch.no_grad():
+            chunked = _best(lambda: delta_rule_chunked(q, k, v, beta, decay, chunk_size=chunk_size), repeats)
+            recurrent = (_best(lambda: delta_rule_recurrent(q, k, v, beta, decay), max(1, repeats // 2))
+                         if T <= recurrent_max else None)
+        row = {"length": T, "chunked_ms": round(chunked * 1e3, 2),
+               "recurrent_ms": None if recurrent is None else round(recurrent * 1e3, 1),
+               "speedup": None if recurrent is None else round(recurrent / chunked, 1)}
+        print(row, file=sys.stderr, flush=True)
+        rows.append(row)
+    return rows
+
+
+def _memory_child(layer: str, T: int, d_model: int, heads: int) -> None:
+    """Runs in a subprocess: prints the peak-RSS growth (MiB) of one training step."""
+    torch.manual_seed(0)
+    if layer == "softmax":
+        from edge_glass.nested.attention import SoftmaxAttention
+
+        module = SoftmaxAttention(d_model, heads)
+    else:
+        from edge_glass.nested.fast_weights import FastWeightAttention
+
+        module = FastWeightAttention(d_model, heads, rule="gated_delta", chunk_size=64)
+    x = torch.randn(1, T, d_model, requires_grad=True)
+    module(torch.randn(1, 8, d_model))[0].sum().backward()  # allocator / kernel warm-up
+    module.zero_grad()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    with open("/proc/self/statm") as f:
+        rss_now = int(f.read().split()[1]) * resource.getpagesize() // 1024
+    base = max(before, rss_now)
+    module(x)[0].square().mean().backward()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"growth_mib": round(max(peak - base, 0) / 1024, 1)}))
+
+
+def measure_memory(lengths: list[int], d_model: int, heads: int, threads: int) -> list[dict]:
+    rows = []
+    for layer in ("gated_delta", "softmax"):
+        for T in lengths:
+            out = subprocess.run([sys.executable, __file__, "--child", layer, str(T), str(d_model), str(heads)],
+                                 capture_output=True, text=True, check=True,
+                                 env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+            growth = json.loads(out.stdout.strip().splitlines()[-1])["growth_mib"]
+            row = {"layer": layer, "length": T, "peak_growth_mib": growth}
+            print(row, file=sys.stderr, flush=True)
+            rows.append(row)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> dict:
+    if argv is None and len(sys.argv) > 1 and sys.argv[1] == "--child":
+        _memory_child(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]))
+        return {}
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--lengths", nargs="+", type=int, default=[256, 512, 1024, 2048, 4096, 8192])
+    p.add_argument("--chunk-size", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--recurrent-max", type=int, default=8192, help="longest length timed with the per-token loop")
+    p.add_argument("--d-model", type=int, default=128)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--json")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.lengths, args.repeats = args.lengths[:2], 1
+    torch.set_num_threads(args.threads)
+    result = {"threads": args.threads, "chunk_size": args.chunk_size,
+              "kernels": time_kernels(args.lengths, args.chunk_size, args.repeats, args.recurrent_max),
+              "memory": measure_memory(args.lengths, args.d_model, args.heads, args.threads)}
+    print("| length | chunked ms | recurrent ms | speed-up |\n|---|---|---|---|")
+    for r in result["kernels"]:
+        print(f"| {r['length']} | {r['chunked_ms']} | {r['recurrent_ms'] or '-'} | {r['speedup'] or '-'}x |")
+    print("\n| length | gated delta peak MiB | softmax peak MiB |\n|---|---|---|")
+    mem = {(r["layer"], r["length"]): r["peak_growth_mib"] for r in result["memory"]}
+    for T in args.lengths:
+        print(f"| {T} | {mem[('gated_delta', T)]} | {mem[('softmax', T)]} |")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=1))
+    return result
+
+
+if __name__ == "__main__":
+    main()
