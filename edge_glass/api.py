@@ -66,6 +66,8 @@ def export(run_dir: str | Path, out: str | Path, format: str = "onnx", dim: int 
 
     onnx                   one tower per modality for ``edge_glass.runtime.ExportedModel`` (no torch needed);
                            ``dim`` truncates (Matryoshka), ``int8`` adds int8 graphs where they pay
+    torchscript            a TRM / tiny vlm run's whole answer path (recursion, halting, greedy decoding) as one
+                           ``torch.jit.load`` module + tokenizer (``edge_glass.export.torchscript.load_torchscript``)
     sentence-transformers  the text tower as a SentenceTransformer directory (alignment runs)
     hf                     save_pretrained: config.json + model.safetensors + a model card README.md
     peft                   a LoRA decoder as a PEFT adapter (``merge``: a merged causal LM) + its projector
@@ -75,8 +77,9 @@ def export(run_dir: str | Path, out: str | Path, format: str = "onnx", dim: int 
     if format not in EXPORT_FORMATS:
         raise EdgeGlassError(f"--format {format}: choose one of {', '.join(EXPORT_FORMATS)}")
     if format == "torchscript":
-        raise EdgeGlassError("--format torchscript is not implemented yet (ONNX covers the embedding towers; "
-                             "TorchScript for the TRM decoder is planned)")
+        from .export.torchscript import export_torchscript
+
+        return export_torchscript(run_dir, out)
     if format == "onnx":
         onnx.export_run(run_dir, out, dim=dim, int8=int8, threads=threads)
         return Path(out)

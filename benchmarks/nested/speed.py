@@ -7,9 +7,12 @@ over sequence lengths, in one run.
 
 Time: best of ``--repeats`` forward passes of the gated delta kernels (no autograd), batch 2,
 4 heads, head dim 32 (q, k, v, beta, decay random, k unit-norm), ``--threads`` threads.
-Memory: each (layer, length) runs in a fresh subprocess; the figure is the growth of peak RSS
-(``ru_maxrss``) over the process's RSS just before the step, so it counts activations kept for
-backward, attention matrices and gradients, not the interpreter or torch itself.
+Memory: each (layer, length) runs one training step (batch 1, d_model 128) in a fresh subprocess
+and reports (1) the bytes of the tensors autograd saves for backward (counted once per storage,
+through ``torch.autograd.graph.saved_tensors_hooks``: exact and machine-independent) and (2) the
+growth of peak RSS (``ru_maxrss``) over the RSS just before the step. RSS growth includes
+transient buffers such as the attention matrix, but it reads 0 while the step fits in memory
+that the allocator already holds from the warm-up.
 """
 from __future__ import annotations
 
@@ -82,9 +85,18 @@ def _memory_child(layer: str, T: int, d_model: int, heads: int) -> None:
     with open("/proc/self/statm") as f:
         rss_now = int(f.read().split()[1]) * resource.getpagesize() // 1024
     base = max(before, rss_now)
-    module(x)[0].square().mean().backward()
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:  # every tensor autograd keeps for backward, once per storage
+        storage = t.untyped_storage()
+        saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = module(x)[0].square().mean()
+    loss.backward()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"growth_mib": round(max(peak - base, 0) / 1024, 1)}))
+    print(json.dumps({"growth_mib": round(max(peak - base, 0) / 1024, 1), "saved_mib": round(sum(saved.values()) / 2**20, 2)}))
 
 
 def measure_memory(lengths: list[int], d_model: int, heads: int, threads: int) -> list[dict]:
@@ -94,8 +106,8 @@ def measure_memory(lengths: list[int], d_model: int, heads: int, threads: int) -
             out = subprocess.run([sys.executable, __file__, "--child", layer, str(T), str(d_model), str(heads)],
                                  capture_output=True, text=True, check=True,
                                  env={**os.environ, "OMP_NUM_THREADS": str(threads)})
-            growth = json.loads(out.stdout.strip().splitlines()[-1])["growth_mib"]
-            row = {"layer": layer, "length": T, "peak_growth_mib": growth}
+            got = json.loads(out.stdout.strip().splitlines()[-1])
+            row = {"layer": layer, "length": T, "peak_growth_mib": got["growth_mib"], "saved_for_backward_mib": got["saved_mib"]}
             print(row, file=sys.stderr, flush=True)
             rows.append(row)
     return rows
@@ -125,10 +137,12 @@ def main(argv: list[str] | None = None) -> dict:
     print("| length | chunked ms | recurrent ms | speed-up |\n|---|---|---|---|")
     for r in result["kernels"]:
         print(f"| {r['length']} | {r['chunked_ms']} | {r['recurrent_ms'] or '-'} | {r['speedup'] or '-'}x |")
-    print("\n| length | gated delta peak MiB | softmax peak MiB |\n|---|---|---|")
-    mem = {(r["layer"], r["length"]): r["peak_growth_mib"] for r in result["memory"]}
+    print("\n| length | gated delta: saved for backward MiB | peak RSS growth MiB | softmax: saved for backward MiB | peak RSS growth MiB |\n"
+          "|---|---|---|---|---|")
+    mem = {(r["layer"], r["length"]): r for r in result["memory"]}
     for T in args.lengths:
-        print(f"| {T} | {mem[('gated_delta', T)]} | {mem[('softmax', T)]} |")
+        g, s = mem[("gated_delta", T)], mem[("softmax", T)]
+        print(f"| {T} | {g['saved_for_backward_mib']} | {g['peak_growth_mib']} | {s['saved_for_backward_mib']} | {s['peak_growth_mib']} |")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=1))
