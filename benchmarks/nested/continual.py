@@ -251,7 +251,7 @@ def verdict(summary: dict[str, dict[str, tuple[float, float]]], stream: str, n_s
     return f"{stream}: " + "; ".join(parts) + "."
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     ap.add_argument("--steps", type=int, default=300, help="optimizer steps per task")
@@ -262,7 +262,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--quick", action="store_true", help="smoke test: 1 seed, 30 steps per task")
     ap.add_argument("--json", type=Path, help="write every number (per seed R matrices, summaries) here")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.quick:
         args.seeds, args.steps = args.seeds[:1], 30
     torch.set_num_threads(args.threads)

@@ -5,8 +5,10 @@ over sequence lengths, in one run.
     python benchmarks/nested/speed.py --json runs/bench/nested/speed.json
     python benchmarks/nested/speed.py --lengths 256 1024 --quick
 
-Time: best of ``--repeats`` forward passes of the gated delta kernels (no autograd), batch 2,
-4 heads, head dim 32 (q, k, v, beta, decay random, k unit-norm), ``--threads`` threads.
+Time: the gated delta kernels, batch 2, 4 heads, head dim 32 (q, k, v, beta, decay random, k
+unit-norm), ``--threads`` threads: best of ``--repeats`` forward passes (no autograd: inference)
+and training steps (forward + backward to every input, the chunked form's purpose; the per-token
+loop's training step is timed once).
 Memory: each (layer, length) runs one training step (batch 1, d_model 128) in a fresh subprocess
 and reports (1) the bytes of the tensors autograd saves for backward (counted once per storage,
 through ``torch.autograd.graph.saved_tensors_hooks``: exact and machine-independent) and (2) the
@@ -49,19 +51,30 @@ def _best(fn, repeats: int) -> float:
     return min(times)
 
 
-def time_kernels(lengths: list[int], chunk_size: int, repeats: int, recurrent_max: int) -> list[dict]:
+def time_kernels(lengths: list[int], chunk_size: int, repeats: int, recurrent_max: int, train_max: int) -> list[dict]:
+    """Forward only (inference) and one training step (forward + backward to q, k, v, b, a) per form."""
     from edge_glass.nested.fast_weights import delta_rule_chunked, delta_rule_recurrent
+
+    def train_step(fn, inputs, **kw):
+        o, S = fn(*inputs, **kw)
+        (o.square().mean() + S.square().mean()).backward()
 
     rows = []
     for T in lengths:
-        q, k, v, beta, decay = _inputs(T)
+        inputs = _inputs(T)
         with torch.no_grad():
-            chunked = _best(lambda: delta_rule_chunked(q, k, v, beta, decay, chunk_size=chunk_size), repeats)
-            recurrent = (_best(lambda: delta_rule_recurrent(q, k, v, beta, decay), max(1, repeats // 2))
+            chunked = _best(lambda: delta_rule_chunked(*inputs, chunk_size=chunk_size), repeats)
+            recurrent = (_best(lambda: delta_rule_recurrent(*inputs), max(1, repeats // 2))
                          if T <= recurrent_max else None)
         row = {"length": T, "chunked_ms": round(chunked * 1e3, 2),
                "recurrent_ms": None if recurrent is None else round(recurrent * 1e3, 1),
                "speedup": None if recurrent is None else round(recurrent / chunked, 1)}
+        if T <= train_max:
+            leaves = [t.clone().requires_grad_() for t in inputs]
+            chunked_train = _best(lambda: train_step(delta_rule_chunked, leaves, chunk_size=chunk_size), repeats)
+            recurrent_train = _best(lambda: train_step(delta_rule_recurrent, leaves), 1)
+            row.update(train_chunked_ms=round(chunked_train * 1e3, 1), train_recurrent_ms=round(recurrent_train * 1e3, 1),
+                       train_speedup=round(recurrent_train / chunked_train, 1))
         print(row, file=sys.stderr, flush=True)
         rows.append(row)
     return rows
@@ -122,6 +135,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--chunk-size", type=int, default=64)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--recurrent-max", type=int, default=8192, help="longest length timed with the per-token loop")
+    p.add_argument("--train-max", type=int, default=4096, help="longest length timed for a training step (forward + backward)")
     p.add_argument("--d-model", type=int, default=128)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--threads", type=int, default=2)
@@ -132,11 +146,13 @@ def main(argv: list[str] | None = None) -> dict:
         args.lengths, args.repeats = args.lengths[:2], 1
     torch.set_num_threads(args.threads)
     result = {"threads": args.threads, "chunk_size": args.chunk_size,
-              "kernels": time_kernels(args.lengths, args.chunk_size, args.repeats, args.recurrent_max),
+              "kernels": time_kernels(args.lengths, args.chunk_size, args.repeats, args.recurrent_max, args.train_max),
               "memory": measure_memory(args.lengths, args.d_model, args.heads, args.threads)}
-    print("| length | chunked ms | recurrent ms | speed-up |\n|---|---|---|---|")
+    print("| length | forward: chunked ms | recurrent ms | speed-up | training step: chunked ms | recurrent ms | speed-up |\n"
+          "|---|---|---|---|---|---|---|")
     for r in result["kernels"]:
-        print(f"| {r['length']} | {r['chunked_ms']} | {r['recurrent_ms'] or '-'} | {r['speedup'] or '-'}x |")
+        print(f"| {r['length']} | {r['chunked_ms']} | {r['recurrent_ms'] or '-'} | {r['speedup'] or '-'}x | "
+              f"{r.get('train_chunked_ms', '-')} | {r.get('train_recurrent_ms', '-')} | {r.get('train_speedup', '-')}x |")
     print("\n| length | gated delta: saved for backward MiB | peak RSS growth MiB | softmax: saved for backward MiB | peak RSS growth MiB |\n"
           "|---|---|---|---|---|")
     mem = {(r["layer"], r["length"]): r for r in result["memory"]}

@@ -63,3 +63,27 @@ def test_mqar_runs_every_model_and_writes_the_documented_json(tmp_path):
         assert r["pairs"] == 4 and 0.0 <= r["accuracy"] <= 1.0
     params = {r["model"]: r["params"] for r in results}
     assert max(params.values()) <= 1.10 * min(params.values())     # equal parameter count (within 10%: HOPE reads per-head memories)
+
+
+def test_speed_benchmark_times_both_forms_and_measures_memory(tmp_path):
+    speed = _load("speed")
+    out = tmp_path / "speed.json"
+    speed.main(["--quick", "--lengths", "64", "--threads", "1", "--d-model", "32", "--json", str(out)])
+    result = json.loads(out.read_text())
+    (row,) = result["kernels"]
+    assert row["length"] == 64 and row["chunked_ms"] > 0 and row["recurrent_ms"] > 0 and row["train_speedup"] > 0
+    layers = {(r["layer"], r["length"]) for r in result["memory"]}
+    assert layers == {("gated_delta", 64), ("softmax", 64)}
+    assert all(r["saved_for_backward_mib"] > 0 for r in result["memory"])
+
+
+def test_continual_benchmark_reports_accuracy_and_backward_transfer(tmp_path):
+    continual = _load("continual")
+    out = tmp_path / "continual.json"
+    continual.main(["--quick", "--streams", "digits", "--json", str(out)])
+    streams = json.loads(out.read_text())["streams"]
+    assert "digits" in streams
+    for runs in streams["digits"]["runs"].values():
+        for seed in runs.values():
+            R = np.asarray(seed["R_task_il"])
+            assert R.shape == (5, 5) and ((0 <= R) & (R <= 1)).all()
