@@ -154,7 +154,7 @@ def test_save_load_mid_period_resumes_bitwise(reduction):
     buf = io.BytesIO()
     torch.save({"model": other.state_dict(), "opt": opt2.state_dict()}, buf)
     buf.seek(0)
-    saved = torch.load(buf, weights_only=False)
+    saved = torch.load(buf, weights_only=True)
     resumed = copy.deepcopy(model)
     resumed.load_state_dict(init)  # garbage in the weights: load must overwrite them
     opt3 = build(resumed)

@@ -157,7 +157,7 @@ def test_state_dict_round_trip_resumes_bitwise(digits, memory, inner_loss):
     buf = io.BytesIO()
     torch.save({"model": part.state_dict(), "opt": opt_part.state_dict()}, buf)
     buf.seek(0)
-    saved = torch.load(buf, weights_only=False)
+    saved = torch.load(buf, weights_only=True)
     resumed = _model(seed=1)
     opt_res = DMGD(resumed.parameters(), **{**kw, "seed": 99})  # its own seed is overwritten by the loaded state
     resumed.load_state_dict(saved["model"])
