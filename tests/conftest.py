@@ -36,19 +36,23 @@ def data_root() -> Path:
     return path
 
 
-@pytest.fixture(scope="session")
-def coco_subset(data_root, tmp_path_factory) -> Path:
-    """A COCO-format dataset of the first 48 coco1k images (real photos and captions)."""
+def coco_first(data_root: Path, n: int, out: Path) -> Path:
+    """A COCO-format dataset in ``out`` of the first ``n`` coco1k images (symlinked) and their captions."""
     src = json.loads((data_root / "coco1k" / "captions.json").read_text())
-    images = src["images"][:48]
+    images = src["images"][:n]
     ids = {im["id"] for im in images}
-    out = tmp_path_factory.mktemp("coco48")
     (out / "images").mkdir()
     for im in images:
         os.symlink(data_root / "coco1k" / "images" / im["file_name"], out / "images" / im["file_name"])
     anns = [a for a in src["annotations"] if a["image_id"] in ids]
     (out / "captions.json").write_text(json.dumps({"images": images, "annotations": anns}))
     return out
+
+
+@pytest.fixture(scope="session")
+def coco_subset(data_root, tmp_path_factory) -> Path:
+    """A COCO-format dataset of the first 48 coco1k images (real photos and captions)."""
+    return coco_first(data_root, 48, tmp_path_factory.mktemp("coco48"))
 
 
 @pytest.fixture(scope="session")

@@ -68,13 +68,11 @@ def digits_stream() -> Split:
 
 
 def _mel_filters(sr: int, n_fft: int, n_mels: int) -> np.ndarray:
-    """Triangular HTK-mel filterbank, (n_mels, n_fft // 2 + 1)."""
-    mel = lambda f: 2595.0 * np.log10(1.0 + f / 700.0)  # noqa: E731
-    hz = lambda m: 700.0 * (10.0 ** (m / 2595.0) - 1.0)  # noqa: E731
-    edges = hz(np.linspace(mel(0.0), mel(sr / 2), n_mels + 2))
-    freqs = np.linspace(0.0, sr / 2, n_fft // 2 + 1)
-    lo, mid, hi = edges[:-2, None], edges[1:-1, None], edges[2:, None]
-    return np.maximum(0.0, np.minimum((freqs - lo) / (mid - lo), (hi - freqs) / (hi - mid)))
+    """Triangular HTK-mel filterbank, (n_mels, n_fft // 2 + 1), from transformers' audio utilities."""
+    from transformers.audio_utils import mel_filter_bank
+
+    return mel_filter_bank(num_frequency_bins=n_fft // 2 + 1, num_mel_filters=n_mels, min_frequency=0.0,
+                           max_frequency=sr / 2, sampling_rate=sr, mel_scale="htk").T
 
 
 def log_mel_stats(audio: np.ndarray, filters: np.ndarray, n_fft: int = 256, hop: int = 128) -> np.ndarray:

@@ -31,26 +31,21 @@ def _key(item: Any) -> Any:
     return item if isinstance(item, (str, bytes)) else id(item)
 
 
-@lru_cache(maxsize=4096)
-def _thumb_uri(key: Any, size: int) -> str | None:
-    img = thumbnail(key, size)
-    if img is None:
-        return None
-    buf = io.BytesIO()
-    img.save(buf, format="JPEG", quality=85)
-    return data_uri(buf.getvalue(), "image/jpeg")
-
-
-def image_uri(item: Any, size: int = 96) -> str | None:
-    """A JPEG data: URI of the item (path or bytes) downscaled to ``size`` px; None if undecodable."""
-    if isinstance(item, (str, bytes)):
-        return _thumb_uri(item, size)
+def _jpeg_uri(item: Any, size: int) -> str | None:
     img = thumbnail(item, size)
     if img is None:
         return None
     buf = io.BytesIO()
     img.save(buf, format="JPEG", quality=85)
     return data_uri(buf.getvalue(), "image/jpeg")
+
+
+_thumb_uri = lru_cache(maxsize=4096)(_jpeg_uri)  # paths and bytes are hashable: encode each once
+
+
+def image_uri(item: Any, size: int = 96) -> str | None:
+    """A JPEG data: URI of the item (path or bytes) downscaled to ``size`` px; None if undecodable."""
+    return _thumb_uri(item, size) if isinstance(item, (str, bytes)) else _jpeg_uri(item, size)
 
 
 def audio_mime(data: bytes) -> str | None:

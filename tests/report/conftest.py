@@ -2,14 +2,12 @@
 and a headless Chromium to look at the pages as a person would."""
 from __future__ import annotations
 
-import json
-import os
 import shutil
 from pathlib import Path
 
 import pytest
 
-from conftest import in_ci  # tests/ is on sys.path
+from conftest import coco_first, in_ci  # tests/ is on sys.path
 
 
 def train_run(cfg: dict, out: Path) -> Path:
@@ -23,15 +21,7 @@ def train_run(cfg: dict, out: Path) -> Path:
 @pytest.fixture(scope="session")
 def coco8(data_root, tmp_path_factory) -> Path:
     """A COCO-format dataset of the first 8 coco1k images (40 real captions)."""
-    src = json.loads((data_root / "coco1k" / "captions.json").read_text())
-    images = src["images"][:8]
-    ids = {im["id"] for im in images}
-    out = tmp_path_factory.mktemp("coco8")
-    (out / "images").mkdir()
-    for im in images:
-        os.symlink(data_root / "coco1k" / "images" / im["file_name"], out / "images" / im["file_name"])
-    (out / "captions.json").write_text(json.dumps({"images": images, "annotations": [a for a in src["annotations"] if a["image_id"] in ids]}))
-    return out
+    return coco_first(data_root, 8, tmp_path_factory.mktemp("coco8"))
 
 
 @pytest.fixture(scope="session")
