@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -22,6 +22,7 @@ from .heads.pooling import MeanConfig
 from .decoders import DECODERS
 from .decoders.fusion import DECODER_FUSIONS, PrefixConfig
 from .encoders.efficientnet import EfficientNetLiteConfig
+from .encoders.whisper import WhisperEncoderConfig
 from .models.vlm import ProjectorConfig
 
 
@@ -192,22 +193,36 @@ class AlignmentConfig(Strict):
 
 # --- vision-language decoders ----------------------------------------------------------------
 
-class VisionConfig(Strict):
-    encoder: ENCODERS.config_union() = Field(default_factory=EfficientNetLiteConfig)  # type: ignore[valid-type]
-    aligned_run: str | None = Field(None, description="an alignment run dir: its frozen image encoder + head make the visual tokens")
+class InputConfig(Strict):
+    """One input stream of a decoder: a frozen backbone (``encoder``), or an alignment run's
+    frozen encoder + head of the same modality (``aligned_run``: the seeds' phase 1 -> 2)."""
+
+    modality: ClassVar[str]
+    aligned_run: str | None = Field(None, description="an alignment run dir: its frozen encoder + head of this modality make the tokens")
     aligned_output: Literal["auto", "latents", "embedding"] = Field(
         "auto", description="latents: a Perceiver head's latents (B, K, D); embedding: the Matryoshka embedding as one token; auto: latents if Perceiver")
     aligned_dim: int | None = Field(None, ge=1, description="Matryoshka dim of the embedding output (default: the largest)")
 
     @model_validator(mode="after")
-    def _image(self) -> "VisionConfig":
-        if ENCODERS.get(self.encoder.type).modality != "image":
-            raise ValueError(f"encoder: {self.encoder.type!r} is not an image encoder")
+    def _modality(self) -> "InputConfig":
+        if ENCODERS.get(self.encoder.type).modality != self.modality:
+            raise ValueError(f"encoder: {self.encoder.type!r} is not an {self.modality} encoder")
         return self
 
 
+class VisionConfig(InputConfig):
+    modality: ClassVar[str] = "image"
+    encoder: ENCODERS.config_union() = Field(default_factory=EfficientNetLiteConfig)  # type: ignore[valid-type]
+
+
+class AudioConfig(InputConfig):
+    modality: ClassVar[str] = "audio"
+    encoder: ENCODERS.config_union() = Field(default_factory=WhisperEncoderConfig)  # type: ignore[valid-type]
+
+
 class QADataConfig(Strict):
-    train: list[str] = Field(min_length=1, description="QA specs: easy-vqa[:train|:test], jsonl:FILE, captions:SPEC")
+    train: list[str] = Field(min_length=1, description="QA specs: easy-vqa[:train|:test], jsonl:FILE, captions:SPEC, "
+                                                       "spoken-qa:SPEC, transcribe:SPEC, av-captions:SPEC")
     eval: list[str] = Field(default_factory=list, description="extra QA sets evaluated whole at the end")
     val: float = Field(0.05, ge=0, description="held-out images for validation (count or fraction) unless the data defines them")
     test: float = Field(0.1, ge=0, description="held-out images for testing unless the data defines them")
@@ -223,13 +238,17 @@ class QAEvalConfig(Strict):
 
 
 class VLMConfig(Strict):
-    """A decoder experiment: frozen visual tokens -> projector -> decoder, answer-only loss."""
+    """A decoder experiment: frozen image (and audio) tokens -> projectors -> decoder, answer-only loss."""
 
     task: Literal["vlm"] = "vlm"
     name: str = "experiment"
     seed: int = 0
     vision: VisionConfig = VisionConfig()
     projector: ProjectorConfig = ProjectorConfig()
+    audio: AudioConfig | None = Field(None, description="an audio stream (spoken questions, speech); None: the decoder does not hear")
+    audio_projector: ProjectorConfig = ProjectorConfig(pool=8)
+    drop: list[Literal["image", "audio", "question"]] = Field(
+        default_factory=list, description="inputs the decoder never gets (ablations): a dropped question is replaced by the empty prompt")
     decoder: DECODERS.config_union()  # type: ignore[valid-type]
     fusion: DECODER_FUSIONS.config_union() = PrefixConfig()  # type: ignore[valid-type]
     data: QADataConfig
@@ -237,6 +256,18 @@ class VLMConfig(Strict):
     train: TrainConfig = TrainConfig()
     eval: QAEvalConfig = QAEvalConfig()
     variants: dict[str, dict[str, Any]] = Field(default_factory=dict, description="ablation: name -> overrides")
+
+    @model_validator(mode="after")
+    def _inputs(self) -> "VLMConfig":
+        if "audio" not in self.drop and self.audio is None and self.fusion.type != "none" and "image" in self.drop:
+            raise ValueError("drop: with the image dropped and no audio section the decoder has no input stream; use fusion: {type: none}")
+        return self
+
+    def uses(self, modality: str) -> bool:
+        """Whether the model takes this input stream ("image" or "audio")."""
+        if modality in self.drop or self.fusion.type == "none":
+            return False
+        return modality == "image" or (modality == "audio" and self.audio is not None)
 
 
 TASKS: dict[str, type[Strict]] = {"alignment": AlignmentConfig, "vlm": VLMConfig}

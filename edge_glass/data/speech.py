@@ -119,25 +119,35 @@ def _write_clip(path: Path, text: str, voice: Voice, fmt: str) -> None:
     os.replace(tmp, path)
 
 
+def speak_clips(jobs: list[tuple[str, Voice]], out_dir: Path, fmt: str = "flac", workers: int = 2) -> list[Path]:
+    """(text, voice) pairs -> their clips under out_dir/audio/ (content-addressed: a clip that
+    exists is reused, and equal pairs share one file), in the order given."""
+    if fmt not in FORMATS:
+        raise DataError(f"speak: format {fmt!r} is not one of {', '.join(FORMATS)}")
+    audio_dir = Path(out_dir) / "audio"
+    audio_dir.mkdir(parents=True, exist_ok=True)
+    paths = [audio_dir / clip_name(text, voice, fmt) for text, voice in jobs]
+    todo = {path: job for path, job in zip(paths, jobs)}
+    with ThreadPoolExecutor(max(1, workers)) as ex:  # espeak-ng runs as a subprocess: threads overlap
+        list(ex.map(lambda item: _write_clip(item[0], item[1][0], item[1][1], fmt), todo.items()))
+    return paths
+
+
 def speak_samples(samples: list[Sample], out_dir: Path, pool: VoicePool, fmt: str = "mp3", seed: int = 0,
                   report: DataReport | None = None, workers: int = 2) -> list[tuple[Sample, Voice]]:
     """Samples with text -> the same samples with ``audio`` = a spoken file under out_dir/audio/,
     paired with the voice that spoke it. Samples without text are skipped (reported)."""
     if fmt not in FORMATS:
         raise DataError(f"speak: format {fmt!r} is not one of {', '.join(FORMATS)}")
-    audio_dir = Path(out_dir) / "audio"
-    audio_dir.mkdir(parents=True, exist_ok=True)
-    jobs: list[tuple[Sample, Voice, Path]] = []
+    spoken: list[tuple[Sample, Voice]] = []
     for s in samples:
         if not s.text:
             if report is not None:
                 report.skip(s.source, "no caption to speak")
             continue
-        voice = pool.pick(f"{seed}|{s.group}|{s.text}")
-        jobs.append((s, voice, audio_dir / clip_name(s.text, voice, fmt)))
-    with ThreadPoolExecutor(max(1, workers)) as ex:  # espeak-ng runs as a subprocess: threads overlap
-        list(ex.map(lambda j: _write_clip(j[2], j[0].text, j[1], fmt), {j[2]: j for j in jobs}.values()))
-    return [(replace(s, audio=str(path)), voice) for s, voice, path in jobs]
+        spoken.append((s, pool.pick(f"{seed}|{s.group}|{s.text}")))
+    paths = speak_clips([(s.text, voice) for s, voice in spoken], out_dir, fmt, workers)
+    return [(replace(s, audio=str(path)), voice) for (s, voice), path in zip(spoken, paths)]
 
 
 @dataset_format("spoken", over_spec=True)

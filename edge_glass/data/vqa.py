@@ -24,15 +24,33 @@ from .formats import utf8_lines
 from .samples import Skipped
 
 DESCRIBE = "Describe this image."
+KINDS = ("qa", "transcript", "caption")
 
 
 @dataclass(frozen=True)
 class QASample:
-    image: str  # absolute path
+    """One decoder example: optional image, optional audio, a text question (may be empty when
+    there is audio: a spoken question) and the answer.
+
+    kind: what the answer is, for metrics: "qa" (a short answer), "transcript" (the audio's
+    words: word error rate is reported too) or "caption".
+    """
+
+    image: str | None  # absolute path
     question: str
     answer: str
     split: str
     source: str  # where it came from, for messages ("vqa_yesno.jsonl:12")
+    audio: str | None = None  # absolute path
+    kind: str = "qa"
+
+    @property
+    def key(self) -> str:
+        """The input that identifies the sample for splitting: its image, else its audio."""
+        return self.image if self.image is not None else str(self.audio)
+
+    def modalities(self) -> tuple[str, ...]:
+        return tuple(m for m in ("image", "audio") if getattr(self, m) is not None)
 
 
 def _text(value: Any) -> str:
@@ -43,24 +61,29 @@ def _text(value: Any) -> str:
 
 
 def _make(image: str | Path | None, question: Any, answer: Any, split: str, source: str,
-          skipped: list[Skipped], exists: dict[Any, bool]) -> QASample | None:
-    """A sample, or None after recording why the row is unusable."""
+          skipped: list[Skipped], exists: dict[Any, bool], audio: str | Path | None = None, kind: str = "qa") -> QASample | None:
+    """A sample, or None after recording why the row is unusable. It needs an image or an
+    audio clip (both may be given), an answer, and a question unless there is audio (a spoken
+    question, or audio to transcribe, needs no text)."""
     q, ans = _text(question), _text(answer)
     reason = None
-    if image is not None and image not in exists:
-        exists[image] = os.path.isfile(image)
-    if image is None:
+    for path in (image, audio):
+        if path is not None and path not in exists:
+            exists[path] = os.path.isfile(path)
+    if image is None and audio is None:
         reason = "no image path"
-    elif not exists[image]:
+    elif image is not None and not exists[image]:
         reason = f"image not found ({image})"
-    elif not q:
+    elif audio is not None and not exists[audio]:
+        reason = f"audio not found ({audio})"
+    elif not q and audio is None:
         reason = "empty question"
     elif not ans:
         reason = "empty answer"
     if reason:
-        skipped.append(Skipped(source, reason, str(image or "")))
+        skipped.append(Skipped(source, reason, str(image or audio or "")))
         return None
-    return QASample(str(image), q, ans, split, source)
+    return QASample(None if image is None else str(image), q, ans, split, source, None if audio is None else str(audio), kind)
 
 
 # --- easy-VQA --------------------------------------------------------------------------------
@@ -132,9 +155,11 @@ def _image_path(value: Any, base: Path, image_root: Path | None, exists: dict[Pa
 
 def read_qa_jsonl(path: str | os.PathLike, split: str | None = None, default_split: str = "train",
                   image_root: str | os.PathLike | None = None) -> tuple[list[QASample], list[Skipped]]:
-    """Rows ``{"image", "question", "answer"[, "split"]}``; rows without ``split`` get
-    ``default_split``; ``split`` given: only that split. Image paths may be absolute, relative to
-    ``image_root``, to the file's directory, or to an ``images/`` directory beside the file."""
+    """Rows ``{"image", "question", "answer"[, "split"]}``, where ``audio`` (a clip: a spoken
+    question, or speech whose ``kind`` is "transcript") may accompany or replace the image and
+    makes the question optional; rows without ``split`` get ``default_split``; ``split`` given:
+    only that split. Image and audio paths may be absolute, relative to ``image_root``, to the
+    file's directory, or to an ``images/`` directory beside the file."""
     path = resolve_data_path(path)
     if not Path(path).is_file():
         raise DataError(f"QA file {path} not found")
@@ -162,7 +187,9 @@ def read_qa_jsonl(path: str | os.PathLike, split: str | None = None, default_spl
         if split is not None and row_split != split:
             continue
         image = _image_path(row.get("image"), base, root, exists)
-        sample = _make(image, row.get("question"), row.get("answer"), row_split, source, skipped, exists)
+        audio = _image_path(row.get("audio"), base, root, exists)
+        kind = row.get("kind") if row.get("kind") in KINDS else "qa"
+        sample = _make(image, row.get("question"), row.get("answer"), row_split, source, skipped, exists, audio, kind)
         if sample:
             samples.append(sample)
     return samples, skipped
@@ -183,7 +210,7 @@ def captions_as_qa(pairs: Iterable[Any], split: str = "train", question: str = D
         else:
             image, caption, src = getattr(pair, "image", None), getattr(pair, "text", None), getattr(pair, "source", f"{source}[{i}]")
         path = Path(image).expanduser().resolve() if isinstance(image, (str, os.PathLike)) and str(image).strip() else None
-        sample = _make(path, question, caption, split, src, skipped, exists)
+        sample = _make(path, question, caption, split, src, skipped, exists, kind="caption")
         if sample:
             samples.append(sample)
     return samples, skipped

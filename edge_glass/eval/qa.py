@@ -50,3 +50,26 @@ def qa_metrics(predictions: Sequence[str], references: Sequence[str | Sequence[s
         f1_total += max(f1(pred, r) for r in refs)
     n = len(predictions)
     return {"exact_match": 100.0 * em_total / n if n else 0.0, "f1": 100.0 * f1_total / n if n else 0.0, "n": n}
+
+
+def wer_text(text: str) -> str:
+    return " ".join("".join(ch for ch in text.lower() if ch not in _PUNCT).split())
+
+
+def word_error_rate(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
+    """Corpus word error rate (jiwer: (substitutions + deletions + insertions) / reference words),
+    in %, on text lowercased with punctuation dropped (articles kept, unlike ``normalize_answer``):
+    {"wer": %, "n": count, "words": reference words}. An empty prediction of a non-empty
+    reference counts as all deletions; empty references are left out."""
+    import jiwer
+
+    if len(predictions) != len(references):
+        raise ValueError(f"word_error_rate: {len(predictions)} predictions for {len(references)} references")
+    refs = [wer_text(r) for r in references]
+    keep = [i for i, r in enumerate(refs) if r]  # jiwer rejects empty references
+    if not keep:
+        return {"wer": 0.0, "n": 0, "words": 0}
+    hyps = [wer_text(predictions[i]) for i in keep]
+    out = jiwer.process_words([refs[i] for i in keep], hyps)
+    words = sum(len(refs[i].split()) for i in keep)
+    return {"wer": 100.0 * (out.substitutions + out.deletions + out.insertions) / words, "n": len(keep), "words": words}

@@ -47,7 +47,7 @@ from ..models.alignment import AlignedModel, ModalityHead
 from ..models.vlm import AlignedVision, VisionLanguageModel
 from ..runs import RunDir, read_safetensors
 from ..tasks.alignment import build_core, build_run_encoders
-from ..tasks.vlm import build_vlm, load_weights, vision_source
+from ..tasks.vlm import build_vlm, input_source, load_weights, vision_source
 
 MARKER = "edge_glass_export.json"  # every export writes it; a folder holding it may be replaced
 FORMAT = "edge_glass"  # config.json "format" of a save_pretrained directory
@@ -253,6 +253,9 @@ def save_pretrained(model: Any, out_dir: str | os.PathLike) -> Path:
         info["encoders"] = fingerprints
         state = model.core.state_dict()
     else:
+        if model.cfg.uses("audio") and model.cfg.audio.aligned_run:
+            raise EdgeGlassError("save_pretrained: a decoder on an alignment run's audio head (audio.aligned_run) is not stored yet; "
+                                 "load the run with edge_glass.load instead")
         info["majority_answer"] = model.majority
         info["aligned_vision"] = {"config": _aligned_config(model)} if model.cfg.vision.aligned_run else None
         prompt = getattr(model.core.decoder, "prompt", None)
@@ -333,13 +336,14 @@ def from_pretrained(path: str | os.PathLike, device: str | torch.device | None =
             vision = (encoder, AlignedVision(head, cfg.vision.aligned_output, cfg.vision.aligned_dim))
         else:
             vision = vision_source(cfg, device)
-        core = build_vlm(cfg, tokenizer, vision)
+        audio = input_source(cfg, "audio", device) if cfg.uses("audio") else None
+        core = build_vlm(cfg, tokenizer, vision, audio)
         expected = set(_vlm_state(core))
         if set(state) != expected:
             raise EdgeGlassError(f"{weights}: weights do not fit the model of config.json (missing {sorted(expected - set(state))[:5]}, "
                                  f"unexpected {sorted(set(state) - expected)[:5]})")
         load_weights(core, state, str(weights))
-        model = VisionLanguageModel(cfg, vision[0], core, info.get("majority_answer"), None)
+        model = VisionLanguageModel(cfg, vision[0], core, info.get("majority_answer"), None, audio[0] if audio else None)
         model.aligned_config = aligned_cfg
     model.pretrained_from = str(path)
     return model.to(device)

@@ -378,6 +378,9 @@ def check_supported(cfg: Any, where: str = "export --format torchscript") -> Non
     if cfg.decoder.type not in SUPPORTED_DECODERS:
         raise EdgeGlassError(f"{where}: decoder.type {cfg.decoder.type!r} is not supported; supported decoders: "
                              f"{', '.join(SUPPORTED_DECODERS)} (a LoRA LM decoder exports with --format peft)")
+    if cfg.uses("audio"):
+        raise EdgeGlassError(f"{where}: runs with an audio input are not supported yet (the scripted path takes images and "
+                             "text questions); export them with --format hf")
     if cfg.fusion.type not in SUPPORTED_FUSIONS:
         raise EdgeGlassError(f"{where}: fusion.type {cfg.fusion.type!r} is not supported (its layers act through forward hooks); "
                              f"supported fusions: {', '.join(SUPPORTED_FUSIONS)}")

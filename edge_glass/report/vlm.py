@@ -7,6 +7,7 @@ import math
 import random
 import re
 from collections import Counter, defaultdict
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -199,8 +200,10 @@ def prediction_cards(predictions: list[dict[str, Any]], n: int, seed: int, thumb
     for i in pick:
         p = predictions[i]
         ok = bool(exact_match(p["prediction"], p["answer"]))
-        uri = image_uri(p["image"], thumb_px)
-        img = f'<img src="{uri}" alt="{esc(p["image"])}">' if uri else "<i>image unavailable</i>"
+        uri = image_uri(p["image"], thumb_px) if p.get("image") else None
+        img = f'<img src="{uri}" alt="{esc(p["image"])}">' if uri else ("<i>image unavailable</i>" if p.get("image") else "<i>no image</i>")
+        if p.get("audio"):
+            img += f'<br><i>heard: {esc(Path(str(p["audio"])).name)}</i>'  # a spoken question / speech
         mark = "\u2713" if ok else "\u2717"
         cards.append(f'<div class="card {"ok" if ok else "wrong"}">{img}<b>Q:</b> {esc(p["question"])}<br><b>reference:</b> {esc(p["answer"])}<br>'
                      f'<b>generated:</b> <span class="{"ok-text" if ok else "bad-text"}">{esc(p["prediction"]) or "<i>(empty)</i>"}</span> '
