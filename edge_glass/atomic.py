@@ -50,7 +50,7 @@ def write_error(path: Path, exc: OSError) -> EdgeGlassError:
     return EdgeGlassError(f"{path}: cannot write ({what})")
 
 
-def _fsync_tree(root: Path) -> None:
+def fsync_tree(root: Path) -> None:
     for p in sorted(root.rglob("*")):
         if p.is_file():
             fsync_path(p)
@@ -87,7 +87,7 @@ def atomic_dir(path: str | os.PathLike, replace: bool = True) -> Iterator[Path]:
     try:
         tmp.mkdir()
         yield tmp
-        _fsync_tree(tmp)
+        fsync_tree(tmp)
         if path.exists():
             if not replace:
                 shutil.rmtree(tmp, ignore_errors=True)

@@ -1,4 +1,4 @@
-"""edge-glass: train | eval | report | embed | export | push | speak | info. Thin: parses arguments and calls the library."""
+"""edge-glass: train | eval | report | embed | export | push | speak | shard | download | info. Thin: parses arguments and calls the library."""
 from __future__ import annotations
 
 import argparse
@@ -80,6 +80,19 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--pitches", help="comma-separated pitches 0-99")
     s.add_argument("--seed", type=int, default=0, help="seeds each caption's draw of voice, speed and pitch")
     s.add_argument("--max-groups", type=int, help="speak only the captions of the first N images")
+
+    d = sub.add_parser("shard", help="write a dataset spec as webdataset tar shards (read back as wds:DIR)")
+    d.add_argument("data", help="any dataset spec, e.g. coco:coco1k")
+    d.add_argument("--out", required=True, help="output folder: shard-NNNNNN.tar, index.json, failures.jsonl (a re-run resumes)")
+    d.add_argument("--shard-size", type=int, default=1000, metavar="N", help="records (media items) per shard (default 1000)")
+    d.add_argument("--no-progress", action="store_true")
+
+    w = sub.add_parser("download", help="fetch a URL table (PixMo-style parquet) into webdataset shards, resumably")
+    w.add_argument("data", help="parquet:FILE (or a folder of .parquet) with an image URL column and a caption column")
+    w.add_argument("--out", required=True, help="output folder: shard-NNNNNN.tar, index.json, failures.jsonl (a re-run fetches only what is missing)")
+    w.add_argument("--shard-size", type=int, default=1000, metavar="N", help="table rows per shard (default 1000)")
+    w.add_argument("--image-size", type=int, default=512, metavar="S", help="resize images to longest side S, as JPEG (0: keep; default 512)")
+    w.add_argument("--no-progress", action="store_true")
 
     i = sub.add_parser("info", help="resolved config and parameter counts")
     i.add_argument("target", help="a config YAML or a run directory")
@@ -298,6 +311,25 @@ def cmd_speak(args) -> None:
         print(report.summary())
 
 
+def _shard_summary(index: dict, out: str) -> str:
+    skipped = f", {index['skipped']} skipped ({', '.join(f'{n} {r}' for r, n in index['skipped_by_reason'].items())}; see {Path(out) / index['failures']})" if index["skipped"] else ""
+    return (f"{index['samples']} samples in {index['records']} records, {len(index['shardlist'])} shards in {out} "
+            f"({index['written']} written, {index['kept']} already done){skipped}; read it as wds:{out}")
+
+
+def cmd_shard(args) -> None:
+    from .data.shards import write_shards
+
+    print(_shard_summary(write_shards(args.data, args.out, args.shard_size, progress=not args.no_progress), args.out))
+
+
+def cmd_download(args) -> None:
+    from .data.download import download_shards
+
+    index = download_shards(args.data, args.out, args.shard_size, args.image_size, progress=not args.no_progress)
+    print(f"{index['fetched']} images fetched; " + _shard_summary(index, args.out))
+
+
 def cmd_export(args) -> None:
     import json as _json
 
@@ -341,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         {"train": cmd_train, "eval": cmd_eval, "report": cmd_report, "embed": cmd_embed, "export": cmd_export, "push": cmd_push,
-         "speak": cmd_speak, "info": cmd_info}[args.command](args)
+         "speak": cmd_speak, "shard": cmd_shard, "download": cmd_download, "info": cmd_info}[args.command](args)
     except EdgeGlassError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

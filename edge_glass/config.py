@@ -112,6 +112,10 @@ class LossConfig(Strict):
 
 # --- training and evaluation ---------------------------------------------------------------------
 
+# Accelerate's tracker names (accelerate.utils.LoggerType without "all"; a test keeps them equal)
+TRACKERS = ("tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "swanlab", "trackio")
+
+
 class TrainConfig(Strict):
     epochs: int = Field(10, ge=1)
     batch_size: int = Field(128, ge=2, description="global batch (all processes together)")
@@ -130,6 +134,20 @@ class TrainConfig(Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     threads: int | None = Field(None, ge=1, description="torch CPU threads per process")
+    log_with: list[Literal[TRACKERS]] = Field(  # type: ignore[valid-type]
+        default_factory=lambda: ["tensorboard"],
+        description="experiment trackers through Accelerate (metrics.jsonl is always written): " + ", ".join(TRACKERS))
+    project: str | None = Field(None, description="tracker project (W&B project, MLflow experiment, TensorBoard folder); default: the config's name")
+
+    @field_validator("log_with", mode="before")
+    @classmethod
+    def _one_tracker(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v  # log_with: wandb
+
+    @field_validator("log_with")
+    @classmethod
+    def _distinct(cls, v: list[str]) -> list[str]:
+        return list(dict.fromkeys(v))
 
     @field_validator("mixed_precision", mode="before")
     @classmethod

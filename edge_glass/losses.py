@@ -67,8 +67,17 @@ def matryoshka_info_nce(
     key_a: torch.Tensor,
     key_b: torch.Tensor,
     weights: dict[int, float],
+    per_dim: dict[int, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Weighted sum over nested dims d of info_nce(a[d], b[d]); weights sum to 1 (dims with
-    weight 0 are skipped, which is how one sampled dim per step is expressed)."""
+    weight 0 are skipped, which is how one sampled dim per step is expressed). ``per_dim``, when
+    given, receives each computed dim's (detached) InfoNCE."""
     total = sum(weights.values())
-    return sum((w / total) * info_nce(a[d], b[d], scale, key_a, key_b) for d, w in weights.items() if w > 0)  # type: ignore[return-value]
+    out = 0
+    for d, w in weights.items():
+        if w > 0:
+            loss = info_nce(a[d], b[d], scale, key_a, key_b)
+            if per_dim is not None:
+                per_dim[d] = loss.detach()
+            out = out + (w / total) * loss
+    return out  # type: ignore[return-value]

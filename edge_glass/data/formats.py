@@ -9,6 +9,8 @@
     fsdd:DIR        Free Spoken Digit Dataset recordings (fsdd.py)
     spoken:SPEC     another dataset's captions spoken by espeak-ng voices, cached (speech.py);
                     spoken:K:SPEC speaks each caption with K voices
+    wds:DIR         webdataset tar shards (edge-glass shard / download; shards.py), also
+                    wds:DIR/shard-{000000..000009}.tar; media read from the tars on demand
 
 Relative locations are looked up in the working directory, then in the data root
 ($EDGE_GLASS_DATA, default ../shared/data). Unusable rows (empty caption, missing file, bad
@@ -270,4 +272,4 @@ def _is_url(value: object) -> bool:
     return isinstance(value, str) and value.startswith(("http://", "https://"))
 
 
-from . import fsdd, speech  # noqa: F401  (register the fsdd and spoken formats)
+from . import fsdd, shards, speech  # noqa: F401,E402  (register the fsdd, wds and spoken formats)

@@ -18,7 +18,7 @@ import numpy as np
 import soundfile as sf
 
 from ..errors import InputError
-from .files import read_bytes
+from .files import FileSlice, read_bytes
 
 TARGET_SR = 16000
 _BLOCK = 4096  # frames per block when counting the decodable frames of a broken file
@@ -35,7 +35,7 @@ def audio_bytes(item: Any) -> bytes:
     """Raw encoded bytes of a path/bytes input (for content hashing); raises InputError if unreadable."""
     if isinstance(item, (bytes, bytearray, memoryview)):
         return bytes(item)
-    if not isinstance(item, (str, os.PathLike)):
+    if not isinstance(item, (str, os.PathLike, FileSlice)):
         raise InputError(describe_audio(item), f"unsupported audio input type {type(item).__name__} (pass a path or bytes)")
     return read_bytes(item, "audio")
 

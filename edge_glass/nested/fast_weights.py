@@ -27,8 +27,12 @@ which in matrix form (rows = tokens) is a unit lower-triangular system:
     M_end = exp(g_C) M0 + (K ⊙ exp(g_C - g))^T E
 
 E splits as U - W M0 with U = (I + A)^{-1} diag(b) V and W = (I + A)^{-1} diag(b exp g) K, which
-depend on the chunk only: they are computed for all chunks at once, and the loop over chunks
-(never over tokens) only carries M. T is padded to a multiple of the chunk size with b = 0,
+depend on the chunk only: they are computed for all chunks at once (one triangular solve for
+[U, W]). The chunk-to-chunk map is affine, M_end = F M0 + R with F = exp(g_C) I - K_end^T W and
+R = K_end^T U (K_end = K ⊙ exp(g_C - g)), so the loop over chunks (never over tokens) is one small
+matmul per chunk; afterwards every chunk's output O = P U + (diag(exp g) Q - P W) M0 is computed at
+once. Where the chunk's decay span is moderate, Q K^T ⊙ Gamma = tril((e^g ⊙ Q)(e^{-g} ⊙ K)^T) needs
+no C x C exp (see :func:`_chunk_solve`). T is padded to a multiple of the chunk size with b = 0,
 a = 1 (state untouched) and sliced back. Everything is differentiable, initial_state included.
 
 Numerics: state math runs in float32 (or float64 for float64 inputs) with autocast disabled;
@@ -217,24 +221,51 @@ def delta_rule_recurrent(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, decay: T
     return o.to(out_dtype), S
 
 
+# Largest within-chunk log-decay span -g_C for which Gamma is factored as e^{g_t} e^{-g_i} (beyond
+# it e^{-g} could overflow, so the masked exp of g_t - g_i is used instead).
+_FACTOR_SPAN = {torch.float32: 40.0, torch.float64: 300.0}
+
+
 def _chunk_prep(q: Tensor | None, k: Tensor, v: Tensor, b: Tensor, g: Tensor):
     """Chunk-local parts of the WY form, for any leading dims: (..., C, d) inputs, g (..., C).
 
     Returns U, W (E = U - W M0), P = lower_incl(Q K^T ⊙ Gamma) (or None), exp(g), and the key
-    weights K ⊙ exp(g_C - g) used by the state update.
+    weights K ⊙ exp(g_C - g) used by the state update (see :func:`_chunk_solve`).
+    """
+    X, P, eg, k_end = _chunk_solve(q, k, v, b, g)
+    return X[..., : v.shape[-1]], X[..., v.shape[-1]:], P, eg, k_end
+
+
+def _chunk_solve(q: Tensor | None, k: Tensor, v: Tensor, b: Tensor, g: Tensor):
+    """:func:`_chunk_prep` with U and W still side by side: X = [U, W] (..., C, dv + dk).
+
+    Gamma[t, i] = e^{g_t - g_i} is a rank-one outer product on the lower triangle, so where the
+    chunk's decay span allows (every -g_C <= _FACTOR_SPAN), (Q K^T) ⊙ Gamma = tril((e^g ⊙ Q)(e^{-g} ⊙ K)^T)
+    and no C x C exp or elementwise product is formed (the check is one host sync per call).
+    Otherwise Gamma is the masked exp of g_t - g_i (masked to -inf above the diagonal before the
+    exp). The two paths are equal up to float rounding.
     """
     C = k.shape[-2]
-    lower = torch.ones(C, C, dtype=torch.bool, device=k.device).tril()
-    gamma = (g[..., :, None] - g[..., None, :]).masked_fill(~lower, float("-inf")).exp()
-    A = (b[..., :, None] * (k @ k.transpose(-1, -2)) * gamma).tril(-1)
-    eye = torch.eye(C, dtype=k.dtype, device=k.device)
     eg = g.exp()
-    rhs = torch.cat([b[..., None] * v, (b * eg)[..., None] * k], dim=-1)
-    X = torch.linalg.solve_triangular(A + eye, rhs, upper=False, unitriangular=True)
-    U, W = X[..., : v.shape[-1]], X[..., v.shape[-1]:]
-    P = None if q is None else (q @ k.transpose(-1, -2)) * gamma
-    k_end = k * (g[..., -1:] - g).exp()[..., None]
-    return U, W, P, eg, k_end
+    span = _FACTOR_SPAN.get(g.dtype, 0.0)
+    factored = g.numel() == 0 or float(-g[..., -1].detach().min()) <= span
+    # A and the right-hand side are built transposed (A^T, rhs^T contiguous), so that A and rhs are
+    # column-major, as the triangular solve (LAPACK) wants them: no copies inside the solve.
+    if factored:
+        kl, kr = k * eg[..., None], k * (-g).exp()[..., None]
+        AT = kr @ kl.transpose(-1, -2)                                   # (K K^T ⊙ Gamma)^T
+        P = None if q is None else ((q * eg[..., None]) @ kr.transpose(-1, -2)).tril_()
+    else:
+        upper = torch.ones(C, C, dtype=torch.bool, device=k.device).triu(1)
+        gamma = (g[..., :, None] - g[..., None, :]).masked_fill_(upper, float("-inf")).exp_()
+        AT = (k @ k.transpose(-1, -2) * gamma).transpose(-1, -2)
+        P = None if q is None else (q @ k.transpose(-1, -2)) * gamma
+    A = AT.mul_(b[..., None, :]).mT.tril_(-1)                            # diag(b) (K K^T ⊙ Gamma), strict
+    A.diagonal(dim1=-2, dim2=-1).fill_(1.0)                              # I + A, unit lower-triangular
+    rhs = torch.cat([v.transpose(-1, -2), (eg[..., None] * k).transpose(-1, -2)], dim=-2).mul_(b[..., None, :]).mT
+    X = torch.linalg.solve_triangular(A, rhs, upper=False, unitriangular=True)
+    k_end = k * (g[..., -1:] - g).exp_()[..., None]
+    return X, P, eg, k_end
 
 
 def _chunk_apply(M: Tensor, U: Tensor, W: Tensor, q: Tensor | None, P: Tensor | None, eg: Tensor,
@@ -281,12 +312,30 @@ def delta_rule_chunked(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, decay: Ten
         # padding: q = k = v = 0, b = 0, log a = 0 -> the state is untouched
         qc, kc, vc = (_chunks(_pad_time(x, pad), n, c) for x in (q, k, v))
         bc, lac = (_chunks(_pad_time(x, pad), n, c) for x in (b, la))
-        U, W, P, eg, k_end = _chunk_prep(qc, kc, vc, bc, lac.cumsum(-1))   # all chunks in parallel
-        outs = []
+        X, P, eg, k_end = _chunk_solve(qc, kc, vc, bc, lac.cumsum(-1))    # all chunks in parallel
+        # X = [U, W]. Chunk-to-chunk state map M_{i+1} = F_i M_i + R_i with [R_i, -F_i + e^{g_C} I] =
+        # K_end^T [U, W] (one matmul for all chunks); the loop over chunks is then one small matmul
+        # each, and the outputs O_i = diag(e^g) Q_i M_i + P_i (U_i - W_i M_i)
+        #                           = P_i U_i + (diag(e^g) Q_i - P_i W_i) M_i
+        # come after it, for all chunks at once ([P U, P W] = P X: one matmul).
+        RF = k_end.transpose(-1, -2) @ X                                   # (B, H, n, dk, dv + dk)
+        R, F_ = RF[..., :dv], RF[..., dv:]
+        F_.neg_().diagonal(dim1=-2, dim2=-1).add_(eg[..., -1, None])
+        F_ = F_.movedim(2, 0).reshape(n, B * H, dk, dk)                    # chunk-major, contiguous
+        R = R.movedim(2, 0).reshape(n, B * H, dk, dv)
+        starts = []
+        M = M.reshape(B * H, dk, dv)
         for i in range(n):                                                 # loop over chunks only
-            o_i, M = _chunk_apply(M, U[:, :, i], W[:, :, i], qc[:, :, i], P[:, :, i], eg[:, :, i], k_end[:, :, i])
-            outs.append(o_i)
-        o = torch.cat(outs, dim=2)[:, :, :T] if outs else v.new_zeros(B, H, 0, dv)
+            starts.append(M.view(B, H, dk, dv))
+            M = torch.baddbmm(R[i], F_[i], M)
+        M = M.view(B, H, dk, dv)
+        if n:
+            Ms = torch.stack(starts, dim=2)                                # (B, H, n, dk, dv) chunk-start states
+            PX = P @ X
+            Qeff = torch.addcmul(-PX[..., dv:], eg[..., None], qc)        # diag(e^g) Q - P W
+            o = (Qeff @ Ms).add_(PX[..., :dv]).view(B, H, n * c, dv)[:, :, :T]
+        else:
+            o = v.new_zeros(B, H, 0, dv)
         m = _mask3(mask, o)
         if m is not None:
             o = o * m[..., None]

@@ -54,6 +54,12 @@ call (a partial mini-batch is carried in the state). ``step(x)`` / ``adapt(strea
 stateful conveniences: the module holds the state between calls; ``reset()`` drops it so the next
 call starts a new stream from W_0 (``adapt`` resets first unless told not to).
 
+Padding: ``forward(x, state, mask)`` with mask (B, T) True at real tokens. Each item's stream is its
+own real tokens in order (padding left, right or inside); mini-batches are counted per item (the
+state's count becomes a (B,) tensor), padded tokens never change W, G or the anchor, their z is 0
+(y = base(x) there) and their inner loss is left out of ``inner_loss``. A padded batch therefore
+equals each sequence run alone, on the real outputs and on the final state.
+
 Outer training: a task loss on y (backprop through every inner update reaches theta_K, theta_V,
 theta_Q, U and W_0), optionally + lambda * mean online inner loss (``state.inner_loss``).
 State math runs in float32 (float64 for float64 inputs) with autocast disabled.
@@ -87,29 +93,35 @@ class TTTState:
     weight    W_t, the current fast weight (B, r, r), what the next read would use before its write
     anchor    W_a, the weight at the end of the last full mini-batch (B, r, r)
     grad_sum  G, sum of the gradients (at W_a) of the current partial mini-batch (B, r, r)
-    count     n, tokens in the current partial mini-batch (0 <= n < b)
-    tokens    tokens seen since the stream started
-    token_loss  online inner loss l(W_{t-1}; x_t) of the last call's tokens (B, T), or None
+    count     n, tokens in the current partial mini-batch (0 <= n < b): an int shared by every item,
+              or a (B,) int64 tensor once a padding mask was used (items then differ)
+    tokens    real tokens seen since the stream started (int, or (B,) tensor like count)
+    token_loss  online inner loss l(W_{t-1}; x_t) of the last call's tokens (B, T) (0 at padding), or None
+    token_mask  the last call's padding mask (B, T) (True at real tokens), or None (all real)
     """
 
     weight: Tensor
     anchor: Tensor
     grad_sum: Tensor
-    count: int = 0
-    tokens: int = 0
+    count: int | Tensor = 0
+    tokens: int | Tensor = 0
     token_loss: Tensor | None = None
+    token_mask: Tensor | None = None
 
     @property
     def inner_loss(self) -> Tensor:
-        """Mean online inner loss of the last call's tokens (a scalar; 0 before any call)."""
+        """Mean online inner loss of the last call's real tokens (a scalar; 0 before any call)."""
         if self.token_loss is None:
             return self.weight.new_zeros(())
-        return self.token_loss.mean()
+        if self.token_mask is None:
+            return self.token_loss.mean()
+        m = self.token_mask.to(self.token_loss.dtype)
+        return (self.token_loss * m).sum() / m.sum().clamp_min(1.0)
 
     def detach(self) -> TTTState:
         """The same state cut from the autograd graph (truncated backprop through a long stream)."""
         return TTTState(self.weight.detach(), self.anchor.detach(), self.grad_sum.detach(), self.count,
-                        self.tokens, None if self.token_loss is None else self.token_loss.detach())
+                        self.tokens, None if self.token_loss is None else self.token_loss.detach(), self.token_mask)
 
 
 def inner_loss(W: Tensor, k: Tensor, v: Tensor) -> Tensor:
@@ -176,15 +188,19 @@ def _chunk(q: Tensor, k: Tensor, v: Tensor, eta: float, anchor: Tensor, G0: Tens
 
 
 def ttt_linear(q: Tensor, k: Tensor, v: Tensor, eta: float, state: TTTState,
-               mini_batch_size: int = 1) -> tuple[Tensor, TTTState]:
+               mini_batch_size: int = 1, mask: Tensor | None = None) -> tuple[Tensor, TTTState]:
     """Mini-batch TTT-Linear over a chunk of a stream, continuing ``state`` (dual form per mini-batch).
 
     q, k (B, T, r_k), v (B, T, r_v). Equal to :func:`ttt_linear_recurrent` for the concatenated
     stream however it is split into calls. Returns (z (B, T, r_v), new state with token_loss (B, T)).
+    mask (B, T), True / 1 at real tokens: each item sees only its own real tokens, in order, as its
+    stream (see :func:`ttt_linear_masked`); padded tokens get z = 0 and loss 0.
     """
     b = int(mini_batch_size)
     if b < 1:
         raise ValueError(f"mini_batch_size must be >= 1, got {mini_batch_size}")
+    if mask is not None or isinstance(state.count, Tensor):
+        return ttt_linear_masked(q, k, v, eta, state, b, mask)
     T = q.shape[1]
     anchor, G, n = state.anchor, state.grad_sum, state.count
     zs, losses = [], []
@@ -202,6 +218,66 @@ def ttt_linear(q: Tensor, k: Tensor, v: Tensor, eta: float, state: TTTState,
     z = torch.cat(zs, 1) if zs else q.new_zeros(q.shape[0], 0, v.shape[-1])
     loss = torch.cat(losses, 1) if losses else q.new_zeros(q.shape[0], 0)
     return z, TTTState(weight, anchor, G, n, state.tokens + T, loss)
+
+
+def ttt_linear_masked(q: Tensor, k: Tensor, v: Tensor, eta: float, state: TTTState, mini_batch_size: int,
+                      mask: Tensor | None = None) -> tuple[Tensor, TTTState]:
+    """:func:`ttt_linear` for variable-length batches: per-item mini-batch counts, padded tokens skipped.
+
+    Item i's real tokens (mask True, any positions: left, right or interior padding) form its stream,
+    which continues from its own count n0_i (state.count, int or (B,)). They are gathered, in order,
+    into an aligned slot layout in which slot p holds the (p - n0_i)-th real token, so mini-batch j is
+    slots [j b, (j + 1) b) for every item; slots before n0_i stand for the tokens already summed in
+    G_0, slots after the item's last token are empty (k = v = 0: they add nothing to G or to any read).
+    Mini-batch j then runs the dual form of :func:`_chunk` with n = slot index + 1, and the anchor of
+    item i moves only where its mini-batch is full. Outputs are scattered back to the real positions.
+    So a padded batch equals each sequence run alone, and padding never touches any state.
+    """
+    b = int(mini_batch_size)
+    B, T, r_k = q.shape
+    r_v = v.shape[-1]
+    dev = q.device
+    m = torch.ones(B, T, dtype=torch.bool, device=dev) if mask is None else mask.to(dev).bool()
+    n0 = state.count if isinstance(state.count, Tensor) else torch.full((B,), int(state.count), dtype=torch.long)
+    n0 = n0.to(dev, torch.long)
+    L = m.sum(1)
+    end = n0 + L                                                         # slots used per item
+    n_mb = int(-(-int(end.max()) // b)) if B else 0                      # ceil(max end / b)
+    rank = m.long().cumsum(1) - 1                                        # index among the real tokens
+    slot = torch.where(m, n0[:, None] + rank, torch.zeros_like(rank))
+    Tp = n_mb * b
+    src = torch.full((B, Tp + 1), T, dtype=torch.long, device=dev)      # slot -> token (T: empty)
+    src.scatter_(1, torch.where(m, slot, torch.full_like(slot, Tp)), torch.arange(T, device=dev).expand(B, T))
+    src = src[:, :Tp]
+    filled = src < T                                                     # (B, Tp)
+
+    def gather(x: Tensor) -> Tensor:
+        xz = torch.cat([x, x.new_zeros(B, 1, x.shape[-1])], 1)
+        return xz.gather(1, src[..., None].expand(-1, -1, x.shape[-1]))
+
+    qs, ks, vs = gather(q), gather(k), gather(v)
+    anchor, G = state.anchor.expand(B, r_v, r_k), state.grad_sum.expand(B, r_v, r_k)
+    zs, losses = [], []
+    for j in range(n_mb):
+        sl = slice(j * b, (j + 1) * b)
+        z, G_end, loss = _chunk(qs[:, sl], ks[:, sl], vs[:, sl], eta, anchor, G, 0)
+        zs.append(z)
+        losses.append(loss)
+        full = filled[:, (j + 1) * b - 1, None, None]
+        anchor = torch.where(full, anchor - eta * G_end / b, anchor)
+        G = torch.where(full, torch.zeros_like(G_end), G_end)
+    count = end % b
+    weight = torch.where((count > 0)[:, None, None], anchor - eta * G / count.clamp_min(1)[:, None, None].to(G.dtype),
+                         anchor)
+    mf = m.to(q.dtype)
+    if n_mb:
+        zslot, lslot = torch.cat(zs, 1), torch.cat(losses, 1)
+        z = zslot.gather(1, slot[..., None].expand(-1, -1, r_v)) * mf[..., None]
+        loss = lslot.gather(1, slot) * mf
+    else:
+        z, loss = q.new_zeros(B, T, r_v), q.new_zeros(B, T)
+    tokens = state.tokens + L if isinstance(state.tokens, Tensor) else int(state.tokens) + L
+    return z, TTTState(weight, anchor, G, count, tokens, loss, m)
 
 
 class TTTAdapter(nn.Module):
@@ -261,23 +337,34 @@ class TTTAdapter(nn.Module):
         """Fresh per-item state: W = W_0 for each of the batch items."""
         return initial_state(self.w0, batch)
 
-    def delta(self, x: Tensor, state: TTTState | None = None) -> tuple[Tensor, TTTState]:
-        """The adapter's contribution U z alone: x (B, T, d_in) or (B, d_in) -> (B, T, d_out) / (B, d_out)."""
+    def delta(self, x: Tensor, state: TTTState | None = None,
+              mask: Tensor | None = None) -> tuple[Tensor, TTTState]:
+        """The adapter's contribution U z alone: x (B, T, d_in) or (B, d_in) -> (B, T, d_out) / (B, d_out).
+
+        mask (B, T) (or (B,) for a single token), True at real tokens: padded tokens neither update
+        their item's fast weight nor get a contribution (0 there), see :func:`ttt_linear_masked`.
+        """
         single = x.dim() == 2
         xs = x[:, None] if single else x
+        if mask is not None and single:
+            mask = mask[:, None]
         if state is None:
             state = self.init_state(xs.shape[0])
         dt = _compute_dtype(xs.dtype)
         with _no_autocast(xs):
             q, k, v = (t.to(dt) for t in self.projections(xs.to(dt)))
             st = TTTState(state.weight.to(dt), state.anchor.to(dt), state.grad_sum.to(dt), state.count, state.tokens)
-            z, state = ttt_linear(q, k, v, self.eta, st, self.mini_batch_size)
+            z, state = ttt_linear(q, k, v, self.eta, st, self.mini_batch_size, mask)
             out = F.linear(z, self.up.weight.to(dt)).to(x.dtype)
         return (out[:, 0] if single else out), state
 
-    def forward(self, x: Tensor, state: TTTState | None = None) -> tuple[Tensor, TTTState]:
-        """y = base(x) + U z (or x + U z); returns (y, state). state None starts a new stream."""
-        d, state = self.delta(x, state)
+    def forward(self, x: Tensor, state: TTTState | None = None,
+                mask: Tensor | None = None) -> tuple[Tensor, TTTState]:
+        """y = base(x) + U z (or x + U z); returns (y, state). state None starts a new stream.
+
+        mask: padding mask (module doc of :meth:`delta`); at padded tokens y = base(x) (or x).
+        """
+        d, state = self.delta(x, state, mask)
         return (self.base(x) if self.base is not None else x) + d, state
 
     # -- stateful streaming ------------------------------------------------------------------
@@ -285,9 +372,9 @@ class TTTAdapter(nn.Module):
         """Forget the held stream state: the next ``step`` / ``adapt`` starts from W_0."""
         self.state = None
 
-    def step(self, x: Tensor) -> Tensor:
+    def step(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         """Process the next chunk of the held stream (starting one if none is held); returns y."""
-        y, self.state = self(x, self.state)
+        y, self.state = self(x, self.state, mask)
         return y
 
     def adapt(self, stream: Iterable[Tensor], reset: bool = True) -> Tensor:

@@ -202,10 +202,15 @@ def prediction_cards(predictions: list[dict[str, Any]], n: int, seed: int, thumb
         ok = bool(exact_match(p["prediction"], p["answer"]))
         uri = image_uri(p["image"], thumb_px) if p.get("image") else None
         img = f'<img src="{uri}" alt="{esc(p["image"])}">' if uri else ("<i>image unavailable</i>" if p.get("image") else "<i>no image</i>")
-        if p.get("audio"):
+        # what the decoder got after the run's drop (records older than "given" got everything they name)
+        given = p.get("given") or [m for m in ("image", "audio", "question") if p.get(m)]
+        if p.get("image") and "image" not in given:
+            img += "<br><i>image not given to the decoder</i>"
+        if p.get("audio") and "audio" in given:
             img += f'<br><i>heard: {esc(Path(str(p["audio"])).name)}</i>'  # a spoken question / speech
+        unread = "" if "question" in given or not p.get("question") else " <i>(text not given)</i>"
         mark = "\u2713" if ok else "\u2717"
-        cards.append(f'<div class="card {"ok" if ok else "wrong"}">{img}<b>Q:</b> {esc(p["question"])}<br><b>reference:</b> {esc(p["answer"])}<br>'
+        cards.append(f'<div class="card {"ok" if ok else "wrong"}">{img}<b>Q:</b> {esc(p["question"])}{unread}<br><b>reference:</b> {esc(p["answer"])}<br>'
                      f'<b>generated:</b> <span class="{"ok-text" if ok else "bad-text"}">{esc(p["prediction"]) or "<i>(empty)</i>"}</span> '
                      f'{mark}</div>')
     return f'<div class="cards">{"".join(cards)}</div>'

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..data.formats import limit_groups, parse_spec, read_dataset
+from ..data.shards import split_identity
 from ..data.samples import DataReport, Sample
 from ..data.split import sample_splits
 from ..encoders import FrozenEncoder, TrainableEncoder, build_encoders
@@ -61,8 +62,11 @@ def load_splits(cfg, encoders: dict, report: DataReport, progress: bool = True) 
     membership: dict[str, str] = {}  # group -> split
     split_record: dict[str, dict[str, list[str]]] = {}
     for spec in cfg.data.train:
-        part = _prefixed(spec, limit_groups(read_dataset(spec, report), cfg.data.max_groups))
-        splits = sample_splits(part, cfg.data.split.val, cfg.data.split.test, cfg.data.split.seed)
+        raw = limit_groups(read_dataset(spec, report), cfg.data.max_groups)
+        part = _prefixed(spec, raw)
+        # hashed by what the data is: wds:DIR shards split like the spec they were made from
+        hashed = sample_splits(_prefixed(split_identity(spec), raw), cfg.data.split.val, cfg.data.split.test, cfg.data.split.seed)
+        splits = {k: {f"{spec}|{g.split('|', 1)[1]}" for g in v} for k, v in hashed.items()}
         for name, groups in splits.items():
             membership.update((g, name) for g in groups)
         split_record[spec] = {k: sorted(g.split("|", 1)[1] for g in v) for k, v in splits.items() if k != "train"}
@@ -133,9 +137,12 @@ def dim_weights(cfg: Any, step: int) -> dict[int, float]:
     return {d: (1.0 if i == pick else 0.0) for i, d in enumerate(dims)}
 
 
-def contrastive_loss(model, core: AlignmentModel, batch: Batch, weights: dict[int, float], pair_weights: dict[str, float]) -> torch.Tensor:
+def contrastive_loss(model, core: AlignmentModel, batch: Batch, weights: dict[int, float], pair_weights: dict[str, float],
+                     parts: dict[str, dict[str, float]] | None = None) -> torch.Tensor:
     """Sum over modality pairs of the Matryoshka InfoNCE, on embeddings gathered from all processes.
-    ``batch`` must be on the core's device; absent modalities are filled in there too."""
+    ``batch`` must be on the core's device; absent modalities are filled in there too. ``parts``,
+    when given, receives {"loss_pair": {"a-b": that pair's Matryoshka loss}, "loss_dim": {"d": the
+    pair-weighted InfoNCE at dim d}} (plain numbers, for logging)."""
     device = next(core.parameters()).device
     emb, scales = model(batch.features, batch.present)
     n = next(iter(batch.present.values())).shape[0]
@@ -162,8 +169,15 @@ def contrastive_loss(model, core: AlignmentModel, batch: Batch, weights: dict[in
             continue
         ea = {d: t[both] for d, t in full[a].items()}
         eb = {d: t[both] for d, t in full[b].items()}
-        loss = matryoshka_info_nce(ea, eb, scales[pair_name(a, b)], keys[a][both], keys[b][both], weights)
-        total = total + pair_weights.get(f"{a}-{b}", pair_weights.get(f"{b}-{a}", 1.0)) * loss  # "image-audio" = "audio-image"
+        per_dim: dict[int, torch.Tensor] = {}
+        loss = matryoshka_info_nce(ea, eb, scales[pair_name(a, b)], keys[a][both], keys[b][both], weights, per_dim)
+        pw = pair_weights.get(f"{a}-{b}", pair_weights.get(f"{b}-{a}", 1.0))  # "image-audio" = "audio-image"
+        total = total + pw * loss
+        if parts is not None:
+            parts.setdefault("loss_pair", {})[f"{a}-{b}"] = float(loss.detach())
+            dims = parts.setdefault("loss_dim", {})
+            for d, v in per_dim.items():
+                dims[str(d)] = dims.get(str(d), 0.0) + pw * float(v)
     return total
 
 
@@ -221,7 +235,8 @@ class AlignmentTask(Task):
 
     def loss(self, model: nn.Module, core: nn.Module, batch: Batch, step: int) -> tuple[torch.Tensor, dict[str, float]]:
         batch = batch.to(next(core.parameters()).device)
-        return contrastive_loss(model, core, batch, dim_weights(self.cfg, step), self.cfg.loss.pair_weights), {}
+        parts: dict[str, Any] = {}
+        return contrastive_loss(model, core, batch, dim_weights(self.cfg, step), self.cfg.loss.pair_weights, parts), parts
 
     def after_step(self, core: nn.Module) -> dict[str, Any]:
         core.clamp_scales()

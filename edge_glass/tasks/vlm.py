@@ -17,7 +17,7 @@ from __future__ import annotations
 import warnings
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -133,15 +133,19 @@ def decoder_questions(cfg: Any, questions: list[str]) -> list[str]:
     return [""] * len(questions) if "question" in cfg.drop else questions
 
 
-def _sample_record(s: QASample) -> dict[str, Any]:
-    return {"image": s.image, **({"audio": s.audio} if s.audio is not None else {}), "question": s.question, "answer": s.answer}
+def _sample_record(s: QASample, drop: Sequence[str] = ()) -> dict[str, Any]:
+    """A prediction record: the sample, and ``given``: the inputs the decoder got once the run's
+    ``drop`` is applied (a record may name an audio file the decoder never heard)."""
+    given = [m for m, v in (("image", s.image), ("audio", s.audio), ("question", s.question)) if v and m not in drop]
+    return {"image": s.image, **({"audio": s.audio} if s.audio is not None else {}), "question": s.question, "answer": s.answer,
+            "given": given}
 
 
 def qa_results(core: VLM, data: QAData, batch_size: int, max_new_tokens: int, samples: int, majority: str | None,
-               details: dict[str, Any] | None = None, hide_question: bool = False) -> dict[str, Any]:
+               details: dict[str, Any] | None = None, drop: Sequence[str] = ()) -> dict[str, Any]:
     """EM / F1 of generated answers; word error rate over the transcript samples; per-kind and
-    per-input breakdowns when the data mixes them. ``hide_question``: the decoder gets empty
-    prompts (a config that drops the question). ``details`` (a dict) receives every sample's
+    per-input breakdowns when the data mixes them. ``drop``: the run's dropped inputs (with
+    "question" the decoder gets empty prompts). ``details`` (a dict) receives every sample's
     prediction under "predictions", each with "halt_steps" (supervision steps per generated
     token) for a TRM decoder."""
     preds: list[str] = []
@@ -149,7 +153,7 @@ def qa_results(core: VLM, data: QAData, batch_size: int, max_new_tokens: int, sa
     trace = details is not None and hasattr(core.decoder, "step_trace")
     for s in range(0, len(data), batch_size):
         batch = data.batch(torch.arange(s, min(s + batch_size, len(data))))
-        questions = [""] * len(batch.questions) if hide_question else batch.questions
+        questions = [""] * len(batch.questions) if "question" in drop else batch.questions
         if trace:
             core.decoder.step_trace = []
         try:
@@ -161,7 +165,7 @@ def qa_results(core: VLM, data: QAData, batch_size: int, max_new_tokens: int, sa
                 core.decoder.step_trace = None
     refs = [s.answer for s in data.samples]
     if details is not None:
-        details["predictions"] = [{**_sample_record(s), "prediction": p, "source": s.source, **({"halt_steps": h} if trace else {})}
+        details["predictions"] = [{**_sample_record(s, drop), "prediction": p, "source": s.source, **({"halt_steps": h} if trace else {})}
                                   for s, p, h in zip(data.samples, preds, halt or [None] * len(preds))]
     result: dict[str, Any] = qa_metrics(preds, refs)
     result["distinct_answers"] = len(set(preds))
@@ -178,7 +182,7 @@ def qa_results(core: VLM, data: QAData, batch_size: int, max_new_tokens: int, sa
     if majority is not None:
         result["majority_answer"] = majority
         result["majority_exact_match"] = qa_metrics([majority] * len(refs), refs)["exact_match"]
-    result["predictions"] = [{**_sample_record(s), "prediction": p} for s, p in zip(data.samples[:samples], preds[:samples])]
+    result["predictions"] = [{**_sample_record(s, drop), "prediction": p} for s, p in zip(data.samples[:samples], preds[:samples])]
     return result
 
 
@@ -191,7 +195,8 @@ def format_qa(result: dict[str, Any], title: str) -> str:
     if "majority_answer" in result:
         lines.append(f"majority answer {result['majority_answer']!r}: exact match {result['majority_exact_match']:.2f}")
     for p in result.get("predictions", [])[:5]:
-        heard = " (audio)" if p.get("audio") else ""
+        given = p.get("given", ["question"])
+        heard = "" if "audio" not in given else " (heard)" if "question" in given else " (heard, text not given)"
         lines.append(f"  Q{heard}: {p['question']}  A: {p['answer']}  predicted: {p['prediction']}")
     return "\n".join(lines)
 
@@ -282,7 +287,7 @@ class VLMTask(Task):
         if limit is not None and len(data) > limit:
             data = data.select(list(range(limit)))
         e = self.cfg.eval
-        result = qa_results(core, data, e.batch_size, e.max_new_tokens, e.samples, self.majority, hide_question="question" in self.cfg.drop)
+        result = qa_results(core, data, e.batch_size, e.max_new_tokens, e.samples, self.majority, drop=self.cfg.drop)
         result["trainable_parameters"] = sum(p.numel() for p in core.parameters() if p.requires_grad)
         return result
 
@@ -329,7 +334,7 @@ class VLMTask(Task):
         encoders = {m: e for m, e in (("image", model.encoder), ("audio", model.audio_encoder)) if e is not None}
         data = build_qa_data(samples, encoders, report, feature_cache_dir(cfg), cfg.cache.dtype, progress)
         e = cfg.eval
-        return qa_results(model.core, data, e.batch_size, e.max_new_tokens, e.samples, model.majority, details, "question" in cfg.drop)
+        return qa_results(model.core, data, e.batch_size, e.max_new_tokens, e.samples, model.majority, details, cfg.drop)
 
     def parameter_rows(self, run_dir=None) -> list[tuple[str, int, int]]:
         cfg = self.cfg

@@ -1,59 +1,60 @@
-"""Atomic checkpoints: model, optimizer, scheduler, RNG states of every process (CPU and CUDA),
-data position.
+"""Atomic checkpoints through Accelerate's ``save_state`` / ``load_state``.
 
-A checkpoint is written into ``checkpoints/.tmp-step-N``, every file fsync'ed, and renamed to
-``checkpoints/step-N`` once every process has written its part; ``checkpoints/latest`` (a
-one-line file, replaced atomically) then points at it. A run killed at any moment leaves either
-the previous complete checkpoint or the new one, never a torn one; a write that fails (full
-disk) removes its temporary folder, and stale ones from killed runs are removed on start.
-Everything loads with ``torch.load(weights_only=True)``: a checkpoint cannot run code.
+``checkpoints/step-N/`` holds what ``Accelerator.save_state`` writes (model, optimizer, the
+registered LR scheduler, the RNG states of every process; under DeepSpeed ZeRO or FSDP the
+sharded model and optimizer state of every rank) plus our ``state.json`` (step, data position,
+running loss, best validation score). Without a sharding engine the model file is our own: the
+weights the task keeps (``Task.state_to_save``: frozen backbones reloaded from their source are
+left out), under the core's own parameter names, checked against the model when loaded.
+
+Every process writes into ``checkpoints/.tmp-step-N``; once all have, rank 0 fsyncs it and renames
+it to ``step-N``, and ``checkpoints/latest`` (a one-line file, replaced atomically) then points
+at it. A run killed at any moment leaves the previous complete checkpoint or the new one, never a
+torn one; a write that fails (full disk) on any process removes its temporary folder and stops
+every process, and stale ones from killed runs are removed on start. Pickled files load with ``weights_only=True`` (Accelerate's loader):
+a checkpoint cannot run code, and a refused or torn file is named. (DeepSpeed's and FSDP's own
+sharded files are read by those libraries.) Checkpoints written before Accelerate's format
+(``optimizer.pt``, ``scheduler.pt``, ``rng-R.pt``) still load without a sharding engine.
 """
 from __future__ import annotations
 
-import io
+import errno
 import json
 import os
 import random
+import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from ..atomic import atomic_write_text, fsync_path, write_error
+from ..atomic import atomic_write_text, fsync_path, fsync_tree, tensors_for_saving, write_error
 from ..errors import EdgeGlassError
-from ..runs import read_safetensors, safetensors_bytes
+from ..runs import read_safetensors
+
+MODEL_FILE = "model.safetensors"  # Accelerate's name for the first model's weights (SAFE_WEIGHTS_NAME)
 
 
-def rng_state() -> dict[str, Any]:
-    """Every RNG a step may draw from, as tensors and plain values (loadable with weights_only)."""
-    version, mt, gauss = random.getstate()
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {"python": [version, torch.tensor(mt, dtype=torch.int64), gauss],
-             "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
-             "torch": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+def sharded(acc) -> bool:
+    """Whether the engine shards model / optimizer state over the processes (DeepSpeed, FSDP)."""
+    from accelerate.utils import DistributedType
+
+    return acc.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
-    version, mt, gauss = state["python"]
-    random.setstate((version, tuple(int(x) for x in mt.tolist()), gauss))
-    kind, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def torch_bytes(obj: Any) -> bytes:
-    """``torch.save`` into memory: written to disk with plain file I/O, a full disk raises
-    OSError(ENOSPC) (torch.save to a path raises an opaque RuntimeError instead)."""
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    return buf.getvalue()
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The checkpoint ``latest`` names, else the newest complete one; None without any."""
+    root = Path(run_dir) / "checkpoints"
+    pointer = root / "latest"
+    if pointer.is_file():
+        cand = root / pointer.read_text().strip()
+        if (cand / "state.json").is_file():
+            return cand
+    done = sorted(p for p in root.glob("step-*") if (p / "state.json").is_file())
+    return done[-1] if done else None
 
 
 def _write(path: Path, data: bytes) -> None:
@@ -63,80 +64,184 @@ def _write(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
-def _load(path: Path) -> Any:
+def _safe_load(path: Path) -> Any:
+    """torch.load with weights_only=True (plus the numpy array types Accelerate's RNG files need);
+    a refused (code-running) or torn file raises an EdgeGlassError that names it."""
+    from accelerate.utils import load
+
     try:
-        return torch.load(path, weights_only=True, map_location="cpu")
+        return load(str(path), map_location="cpu")
     except FileNotFoundError:
         raise EdgeGlassError(f"{path}: missing from the checkpoint") from None
     except Exception as exc:  # noqa: BLE001  unpickling refused (not plain tensors/values) or a torn file
-        raise EdgeGlassError(f"{path}: cannot be loaded safely ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
+        raise EdgeGlassError(f"{path}: cannot be loaded safely ({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''})") from None
+
+
+def _as_os_error(exc: BaseException, where: Path) -> OSError | None:
+    """The OSError behind a failed write: safetensors and torch.save report a full disk as opaque
+    errors ("... (os error 28)", "unexpected pos ..."), so read the errno from the message, or
+    from the disk itself when it has (next to) no room left."""
+    if isinstance(exc, OSError):
+        return exc
+    found = re.search(r"os error (\d+)", str(exc))
+    if found:
+        return OSError(int(found.group(1)), os.strerror(int(found.group(1))))
+    try:
+        if shutil.disk_usage(where).free < 1 << 20:
+            return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    except OSError:
+        pass
+    return None
+
+
+def agree(acc, error: Exception | None) -> None:
+    """Raise on every process when one of them failed (a step only some processes take, a write
+    that failed on one), instead of leaving the others waiting in the next collective."""
+    if acc.num_processes > 1:
+        failures = acc.reduce(torch.tensor([float(error is not None)], device=acc.device), reduction="sum")
+        if error is None and failures.item() > 0:
+            raise EdgeGlassError("another process failed (its error is above); stopping this one too")
+    if error is not None:
+        raise error
+
+
+def together(acc, fn: Callable[[], None]) -> None:
+    """Run ``fn`` on this process; if it fails on any process, raise on all of them."""
+    error = None
+    try:
+        fn()
+    except Exception as exc:  # noqa: BLE001  re-raised by agree, here or on the other processes
+        error = exc
+    agree(acc, error)
+
+
+def _fits(path: Path, model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load ``state`` into ``model``; only frozen parameters and buffers may be missing."""
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    frozen = {n for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}  # tied weights under every name
+    if unexpected or set(missing) - frozen - {n for n, _ in model.named_buffers()}:
+        raise EdgeGlassError(f"{path}: checkpoint does not fit the model (missing {sorted(set(missing) - frozen)[:5]}, unexpected {unexpected[:5]})")
 
 
 class Checkpointer:
-    def __init__(self, run_dir: Path, keep: int, rank: int = 0, barrier=lambda: None):
+    """Every process makes one (after ``acc.prepare``) and calls save / load together.
+
+    core: the unwrapped trainable module; weights: what to keep of it (default its state_dict);
+    scheduler: saved and restored with the rest (registered with Accelerate)."""
+
+    def __init__(self, run_dir: Path, keep: int, acc, core: torch.nn.Module, scheduler=None,
+                 weights: Callable[[torch.nn.Module], dict[str, torch.Tensor]] | None = None):
         self.dir = Path(run_dir) / "checkpoints"
-        self.keep, self.rank, self.barrier = keep, rank, barrier
-        if rank == 0:
+        self.keep, self.acc, self.core, self.scheduler = keep, acc, core, scheduler
+        self.rank = acc.process_index
+        self.weights = weights or (lambda m: m.state_dict())
+        if scheduler is not None:
+            acc.register_for_checkpointing(scheduler)
+        if not sharded(acc):  # the model file is ours: the kept weights under the core's names
+            acc.register_save_state_pre_hook(self._save_model)
+            acc.register_load_state_pre_hook(self._load_model)
+        if self.rank == 0:
             for stale in self.dir.glob(".tmp-step-*"):  # left by a killed run
                 shutil.rmtree(stale, ignore_errors=True)
 
-    def save(self, step: int, weights: dict[str, torch.Tensor], optimizer, scheduler, state: dict[str, Any]) -> Path:
-        """Every process calls this; rank 0 writes the shared parts and publishes. ``weights``:
-        the model state to keep (frozen parts that are reloaded from their source may be left out)."""
+    # -- Accelerate hooks (engines without sharding) ---------------------------------------------
+    def _save_model(self, models, weights, output_dir) -> None:
+        weights[:] = [tensors_for_saving(self.weights(self.core))]
+
+    def _load_model(self, models, input_dir) -> None:
+        path = Path(input_dir) / MODEL_FILE
+        _fits(path, self.core, read_safetensors(path))
+        models.clear()  # loaded: Accelerate's strict load of the whole model is skipped
+
+    # -- save --------------------------------------------------------------------------------------
+    def save(self, step: int, state: dict[str, Any]) -> Path:
+        """Every process calls this. ``state``: our own JSON state (step is added)."""
         final = self.dir / f"step-{step:08d}"
         tmp = self.dir / f".tmp-step-{step:08d}"
-        own = tmp / f"rng-{self.rank}.pt"
-        try:
+
+        def fresh() -> None:
             if self.rank == 0:
                 shutil.rmtree(tmp, ignore_errors=True)
                 tmp.mkdir(parents=True)
-            self.barrier()
-            _write(own, torch_bytes(rng_state()))
+
+        def write() -> None:
+            self.acc.save_state(str(tmp))
             if self.rank == 0:
-                _write(tmp / "model.safetensors", safetensors_bytes(weights))
-                _write(tmp / "optimizer.pt", torch_bytes(optimizer.state_dict()))
-                _write(tmp / "scheduler.pt", torch_bytes(scheduler.state_dict()))
                 _write(tmp / "state.json", json.dumps({**state, "step": step}).encode())
-        except BaseException as exc:
+
+        try:
+            together(self.acc, fresh)
+            together(self.acc, write)
+        except Exception as exc:
             if self.rank == 0:
                 shutil.rmtree(tmp, ignore_errors=True)
-            else:
-                own.unlink(missing_ok=True)
-            if isinstance(exc, OSError):
-                raise write_error(final, exc) from None
+            if (os_error := _as_os_error(exc, self.dir)) is not None:
+                raise write_error(final, os_error) from None
             raise
-        self.barrier()
-        if self.rank == 0:
-            fsync_path(tmp)
-            shutil.rmtree(final, ignore_errors=True)
-            tmp.rename(final)
-            fsync_path(self.dir)
-            atomic_write_text(self.dir / "latest", final.name + "\n")
-            for old in sorted(self.dir.glob("step-*"))[: -self.keep]:
-                shutil.rmtree(old, ignore_errors=True)
-        self.barrier()
+        except BaseException:
+            if self.rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+        def publish() -> None:  # every process has written its part: rank 0 makes it the checkpoint
+            if self.rank == 0:
+                try:
+                    fsync_tree(tmp)
+                    shutil.rmtree(final, ignore_errors=True)
+                    tmp.rename(final)
+                    fsync_path(self.dir)
+                    atomic_write_text(self.dir / "latest", final.name + "\n")
+                except OSError as exc:
+                    raise write_error(final, exc) from None
+                for old in sorted(self.dir.glob("step-*"))[: -self.keep]:
+                    shutil.rmtree(old, ignore_errors=True)
+
+        together(self.acc, publish)
         return final
 
-    def latest(self) -> Path | None:
-        pointer = self.dir / "latest"
-        if pointer.is_file():
-            cand = self.dir / pointer.read_text().strip()
-            if (cand / "state.json").is_file():
-                return cand
-        done = sorted(p for p in self.dir.glob("step-*") if (p / "state.json").is_file())
-        return done[-1] if done else None
-
-    def load(self, path: Path, model: torch.nn.Module, optimizer, scheduler) -> dict[str, Any]:
-        missing, unexpected = model.load_state_dict(read_safetensors(path / "model.safetensors"), strict=False)
-        frozen = {n for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}  # tied weights under every name
-        if unexpected or set(missing) - frozen - {n for n, _ in model.named_buffers()}:
-            raise EdgeGlassError(f"{path}: checkpoint does not fit the model (missing {sorted(set(missing) - frozen)[:5]}, unexpected {unexpected[:5]})")
-        optimizer.load_state_dict(_load(path / "optimizer.pt"))
-        scheduler.load_state_dict(_load(path / "scheduler.pt"))
-        rng_file = path / f"rng-{self.rank}.pt"
-        if rng_file.exists():
-            set_rng_state(_load(rng_file))
+    # -- load --------------------------------------------------------------------------------------
+    def load(self, path: Path) -> dict[str, Any]:
+        """Restore everything ``save`` wrote (on every process); returns our JSON state."""
         try:
-            return json.loads((path / "state.json").read_text())
+            state = json.loads((path / "state.json").read_text())
         except (OSError, ValueError) as exc:
             raise EdgeGlassError(f"{path / 'state.json'}: cannot be read ({type(exc).__name__}: {exc})") from None
+        if (path / "optimizer.pt").is_file():
+            self._load_legacy(path)
+            return state
+        for f in sorted(path.iterdir()):  # check every pickle first: a refused or torn file is named
+            if f.is_file() and f.suffix in (".bin", ".pkl", ".pt"):
+                _safe_load(f)
+        try:
+            self.acc.load_state(str(path))
+        except EdgeGlassError:
+            raise
+        except Exception as exc:  # noqa: BLE001  a sharded file DeepSpeed / FSDP could not read, a changed model...
+            raise EdgeGlassError(f"{path}: cannot be restored ({type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''})") from None
+        return state
+
+    def _load_legacy(self, path: Path) -> None:
+        """A checkpoint of the format before Accelerate's (model.safetensors, optimizer.pt,
+        scheduler.pt, rng-R.pt): loadable when nothing is sharded."""
+        if sharded(self.acc):
+            raise EdgeGlassError(f"{path}: written by an older edge-glass (optimizer.pt), which {self.acc.distributed_type.value} cannot "
+                                 "resume; resume it without DeepSpeed / FSDP (one process, or DDP) once, or start the run afresh")
+        _fits(path / MODEL_FILE, self.core, read_safetensors(path / MODEL_FILE))
+        optimizer = self.acc._optimizers[0] if self.acc._optimizers else None
+        if optimizer is not None:
+            optimizer.load_state_dict(_safe_load(path / "optimizer.pt"))
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(_safe_load(path / "scheduler.pt"))
+        rng_file = path / f"rng-{self.rank}.pt"
+        if rng_file.exists():
+            _set_legacy_rng(_safe_load(rng_file))
+
+
+def _set_legacy_rng(state: dict[str, Any]) -> None:
+    version, mt, gauss = state["python"]
+    random.setstate((version, tuple(int(x) for x in mt.tolist()), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

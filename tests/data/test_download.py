@@ -15,7 +15,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from edge_glass.data.download import OFFLINE, UrlFetcher
+from edge_glass.data.download import OFFLINE, UrlFetcher, download_shards
+from edge_glass.errors import DataError
 from edge_glass.data.formats import read_dataset
 from edge_glass.data.samples import DataReport
 from edge_glass.paths import cache_root
@@ -170,3 +171,78 @@ def test_offline_only_when_no_host_answers(tmp_path, server):
     answered = UrlFetcher(workers=1, tries=1, offline_hosts=2, cache_dir=tmp_path / "b").fetch_all(
         [server.url("/missing.png"), *dead])
     assert [r for _, r in answered.values()] == ["image URL failed: HTTP 404"] + ["image URL failed: connection refused after 1 try"] * 3
+
+
+# -- edge-glass download: URL tables straight into webdataset shards ---------------------------
+
+def test_download_into_shards_resizes_reports_each_failure_and_never_refetches_a_finished_shard(tmp_path, server, data_root):
+    import dataclasses
+    import json
+
+    from edge_glass.media.images import image_bytes
+
+    photo = min((data_root / "coco1k" / "images").iterdir())
+    server.files["/photo.jpg"] = photo.read_bytes()  # 224x224: kept byte for byte
+    big = io.BytesIO()
+    Image.open(photo).resize((800, 600)).save(big, format="PNG")
+    server.files["/big.png"] = big.getvalue()  # resized to 512x384, stored as JPEG
+    rows = [("/good.png", "a red square"), ("/photo.jpg", "a coco photo"), ("/good.png", "the same url again"),  # shard 0
+            ("/missing.png", "a 404"), ("/slow.png", "too slow"), ("/big.png", "a big photo"),                  # shard 1
+            ("/corrupt.png", "corrupt bytes"), ("/flaky.png", "500 then fine"), ("/photo.jpg", "   ")]          # shard 2
+    path = tmp_path / "pixmo.parquet"
+    pq.write_table(pa.table({"url": [server.url(p) for p, _ in rows], "caption": [c for _, c in rows]}), path)
+    out = tmp_path / "shards"
+
+    index = download_shards(f"parquet:{path}", out, shard_size=3, image_size=512)
+    assert (index["written"], index["kept"], index["fetched"]) == (3, 0, 7)
+    samples = read_dataset(f"wds:{out}")
+    assert [s.text for s in samples] == ["a red square", "a coco photo", "the same url again", "a big photo", "500 then fine"]
+    assert [s.group for s in samples] == [server.url(p) for p in ("/good.png", "/photo.jpg", "/good.png", "/big.png", "/flaky.png")]
+    assert image_bytes(samples[1].image) == photo.read_bytes() and image_bytes(samples[0].image) == server.files["/good.png"]
+    resized = Image.open(io.BytesIO(image_bytes(samples[3].image)))
+    assert (resized.format, resized.size) == ("JPEG", (512, 384)) and samples[3].image.name.endswith(".jpg")
+    assert samples[0].image is samples[2].image  # one record: the URL fetched once for both captions
+
+    failures = {f["row"]: f for f in map(json.loads, (out / "failures.jsonl").read_text().splitlines())}
+    assert {r: f["reason"].split(" (")[0] for r, f in failures.items()} == {
+        3: "image URL failed: HTTP 404", 4: "image URL failed: timed out after 3 tries",
+        6: "image URL failed: not an image", 8: "empty caption"}
+    assert all(f["url"] == server.url(rows[r][0]) and f["source"] == f"{path} row {r}" for r, f in failures.items())
+    assert index["skipped"] == 4 and index["skipped_by_reason"]["image URL failed: HTTP 404"] == 1
+    assert json.loads((out / "index.json").read_text())["samples"] == 5
+    assert server.hits == {"/good.png": 1, "/photo.jpg": 1, "/missing.png": 1, "/slow.png": 3, "/big.png": 1,
+                           "/corrupt.png": 1, "/flaky.png": 2}
+
+    before = dict(server.hits)
+    again = download_shards(f"parquet:{path}", out, shard_size=3, image_size=512)
+    assert (again["written"], again["fetched"]) == (0, 0) and server.hits == before  # nothing fetched again
+
+    (out / "shard-000001.tar").unlink()  # as if the run had been killed while fetching shard 1
+    download_shards(f"parquet:{path}", out, shard_size=3, image_size=512)
+    assert server.hits - Counter(before) == Counter({"/missing.png": 1, "/slow.png": 3, "/big.png": 1})  # shard 1's URLs only
+    assert [s.text for s in read_dataset(f"wds:{out}")] == [s.text for s in samples]
+
+    def bare(ss):
+        return [dataclasses.replace(s, image=None) for s in ss]
+
+    assert bare(samples) == bare(read_dataset(f"parquet:{path}"))  # the samples parquet: reads, images aside
+    with pytest.raises(DataError, match="other settings .*image_size"):
+        download_shards(f"parquet:{path}", out, shard_size=3, image_size=256)
+
+
+@pytest.mark.parametrize("hosts", [4, 1])
+def test_download_offline_is_a_clear_error_at_once(tmp_path, monkeypatch, hosts):
+    from edge_glass.cli import main
+
+    monkeypatch.setenv("EDGE_GLASS_DOWNLOAD_TRIES", "2")
+    monkeypatch.setenv("EDGE_GLASS_DOWNLOAD_BACKOFF", "0.05")
+    ports = [dead_port() for _ in range(hosts)]
+    path = tmp_path / "urls.parquet"
+    pq.write_table(pa.table({"image_url": [f"http://127.0.0.1:{ports[i % hosts]}/{i}.jpg" for i in range(12)],
+                             "caption": [f"photo {i}" for i in range(12)]}), path)
+    start = time.monotonic()
+    with pytest.raises(DataError, match=r"no image host could be reached \(offline\?\); shard 0 was not written"):
+        download_shards(f"parquet:{path}", tmp_path / "out", shard_size=6)
+    assert time.monotonic() - start < 10
+    assert not list((tmp_path / "out").glob("*.tar")) and not (tmp_path / "out" / "index.json").exists()
+    assert main(["download", f"parquet:{path}", "--out", str(tmp_path / "out"), "--no-progress"]) == 2

@@ -1,8 +1,14 @@
+import os
+import pickle
 import shutil
+from pathlib import Path
 
+import pytest
 import torch
+from safetensors.torch import load_file
 
-from edge_glass.features.cache import FeatureCache
+from edge_glass.errors import EdgeGlassError
+from edge_glass.features.cache import FeatureCache, FeatureTable, ShardedFeatureTable
 from edge_glass.features.pipeline import build_paired_data
 from edge_glass.data.samples import DataReport, Sample
 from edge_glass.encoders.efficientnet import EfficientNetLiteConfig, EfficientNetLiteEncoder
@@ -73,3 +79,145 @@ def test_bad_inputs_are_skipped_counted_and_named(image_encoder, text_encoder, t
     assert report.to_dict()["skipped_count"] == 2
     batch = data.batch(torch.arange(3))
     assert batch.features["image"].tokens.shape == (3, 49, 1280)
+
+
+# --- the sharded (on-disk) table --------------------------------------------------------------------
+
+CAPTIONS = ["a cat", "two people skiing down a snowy hill with poles", "a red bus parked by the road",
+            "a plate of food", "a man riding a wave on top of a surfboard in the ocean", "dogs",
+            "a kitchen with a stove, a sink and wooden cabinets", "a clock tower", "a child flying a kite on a beach",
+            "an elephant", "a bowl of oranges and bananas on a table", "a train"]
+
+
+def filled(enc, items, root, shard_size, batch_size=None):
+    cache = FeatureCache(root, enc, dtype="float16", shard_size=shard_size)
+    keyed = {enc.content_key(i): i for i in items}
+    assert cache.fill(keyed, batch_size=batch_size or shard_size, progress=False) == {}
+    return cache, list(keyed)
+
+
+def reference_batch(cache, keys, rows):
+    """What the in-RAM table gives, computed independently from safetensors' own loader: each
+    item's stored tokens as float32, exact zeros past its length."""
+    out, lengths, pooled = [], [], []
+    for r in rows.tolist():
+        shard, row = cache.index[keys[r]]
+        data = load_file(str(shard))
+        first = int(data["lengths"][:row].sum())
+        out.append(data["tokens"][first : first + int(data["lengths"][row])].float())
+        pooled.append(data["pooled"][row].float())
+    t = max(len(o) for o in out)
+    tokens = torch.zeros(len(out), t, out[0].shape[1])
+    for i, o in enumerate(out):
+        tokens[i, : len(o)] = o
+    return tokens, torch.tensor([len(o) for o in out]), torch.stack(pooled)
+
+
+def bits(x):
+    return x.contiguous().view(torch.int32)
+
+
+@pytest.mark.parametrize("reader", ["pread", "mmap"])
+def test_the_sharded_table_equals_the_in_ram_table_bitwise(reader, image_encoder, text_encoder, tmp_path, data_root):
+    for enc, items, shard_size in ((image_encoder, images(data_root, 7), 3), (text_encoder, CAPTIONS, 5)):
+        cache, keys = filled(enc, items, tmp_path, shard_size)
+        assert len(cache.headers) >= 2  # several shards
+        order = keys[::-1] + keys[:3]  # another order, and repeated keys
+        table = cache.load(order, reader=reader)
+        in_ram = cache.load(order, in_memory=True)
+        assert isinstance(table, ShardedFeatureTable) and isinstance(in_ram, FeatureTable) and len(table) == len(in_ram) == len(order)
+        for rows in (torch.arange(len(order)), torch.tensor([4, 0, 4, len(order) - 1]), torch.tensor([2]), torch.tensor([0, 1])):
+            got, ram = table.batch(rows), in_ram.batch(rows)
+            tokens, lengths, pooled = reference_batch(cache, order, rows)
+            assert torch.equal(got.mask.sum(1), lengths) and torch.equal(got.mask, ram.mask)
+            assert got.tokens.dtype == got.pooled.dtype == torch.float32
+            assert torch.equal(bits(got.tokens), bits(tokens)) and torch.equal(bits(ram.tokens), bits(tokens))  # +0.0 padding too
+            assert torch.equal(bits(got.pooled), bits(pooled)) and torch.equal(bits(ram.pooled), bits(pooled))
+        first = table.batch(torch.arange(3))
+        table.batch(torch.arange(3, len(order)))  # reuses its buffers: what it returned before must not change
+        assert torch.equal(bits(first.tokens), bits(reference_batch(cache, order, torch.arange(3))[0]))
+        again = pickle.loads(pickle.dumps(table))  # e.g. to a spawned worker: files reopen there
+        assert torch.equal(bits(again.batch(torch.arange(3)).tokens), bits(first.tokens))
+    assert len(set(table.lengths.tolist())) > 2  # the captions: ragged sequences were exercised
+
+
+def mapped_rss_kb(paths) -> int:
+    """Resident kB of this process's mappings of ``paths`` (/proc/self/smaps)."""
+    names, total, current = {str(p) for p in paths}, 0, None
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split(maxsplit=5)
+        if "-" in head[0] and len(head) >= 5 and ":" in head[3]:  # a mapping's header line: range perms offset dev inode [path]
+            current = head[5] if len(head) == 6 else None
+        elif head[0] == "Rss:" and current in names:
+            total += int(head[1])
+    return total
+
+
+def bytes_read_by_syscalls() -> int:
+    return int(Path("/proc/self/io").read_text().split("rchar:")[1].split()[0])
+
+
+LINUX = Path("/proc/self/smaps").exists() and Path("/proc/self/io").exists()
+
+
+@pytest.mark.parametrize("reader", ["pread", "mmap"])
+def test_a_batch_reads_only_its_rows_and_keeps_none_of_them(reader, image_encoder, tmp_path, data_root, monkeypatch):
+    files = images(data_root, 12)
+    cache, keys = filled(image_encoder, files, tmp_path, shard_size=2)  # 6 shards of 2 images (49 x 1280 fp16 each)
+    table = cache.load(keys, reader=reader, max_open=2)
+    shard_of = [cache.index[k][0] for k in keys]
+    rows = torch.tensor([5, 4])
+    assert shard_of[4] == shard_of[5] != shard_of[0] and len(cache.headers) == 6
+    assert table.opens == 0  # nothing is opened before a batch needs it
+    item = 49 * 1280 * 2 + 1280 * 2  # an image's tokens + pooled vector, float16
+    before = bytes_read_by_syscalls() if LINUX else 0
+    first = table.batch(rows)
+    if LINUX and reader == "pread":
+        assert 2 * item <= bytes_read_by_syscalls() - before < 2 * item + 1024  # the two items' bytes (+ reading /proc/self/io)
+    assert table.opens == 1 and table.bytes_read == 2 * item
+    # the other shards are never read: delete them and the same batch still works ...
+    for path in set(shard_of) - {shard_of[4]}:
+        path.unlink()
+    assert torch.equal(bits(table.batch(rows).tokens), bits(first.tokens))
+    assert table.opens == 1 and table.bytes_read == 4 * item
+    # ... and a batch that needs one of them names it
+    with pytest.raises(EdgeGlassError, match=shard_of[0].name):
+        table.batch(torch.tensor([4, 0]))
+    # pages read for a batch do not stay in the process (they would count in its RSS); at most max_open shards are open
+    cache, keys = filled(image_encoder, files, tmp_path / "again", shard_size=2)
+    table = cache.load(keys, reader=reader, max_open=2)
+    for r in range(0, len(keys), 3):
+        table.batch(torch.arange(r, min(r + 3, len(keys))))
+        assert len(table._open) <= 2
+        if LINUX:
+            assert mapped_rss_kb(cache.headers) == 0
+    assert table.opens >= 6
+    if LINUX and reader == "mmap":  # the check can fail: without the release the pages stay resident
+        monkeypatch.setattr("edge_glass.features.cache._OpenShard.release", lambda self: None)
+        table.batch(torch.arange(len(keys)))
+        assert mapped_rss_kb(cache.headers) >= 2 * item // 1024
+
+
+@pytest.mark.parametrize("reader", ["pread", "mmap"])
+def test_a_damaged_shard_is_named_skipped_and_encoded_again(reader, text_encoder, tmp_path):
+    cache, keys = filled(text_encoder, CAPTIONS[:6], tmp_path, shard_size=2, batch_size=1)
+    before = cache.load(keys, in_memory=True).batch(torch.arange(6))
+    shards = sorted(cache.headers)
+    os.truncate(shards[0], shards[0].stat().st_size - 100)  # truncated
+    shards[1].write_bytes(b"not a safetensors file at all")  # garbage
+    with pytest.warns(UserWarning) as caught:
+        fresh = FeatureCache(tmp_path, text_encoder, dtype="float16", shard_size=2)
+    messages = " ".join(str(w.message) for w in caught)
+    assert shards[0].name in messages and "truncated" in messages and shards[1].name in messages
+    assert len(fresh.missing(keys)) == 4
+    assert fresh.fill({text_encoder.content_key(c): c for c in CAPTIONS[:6]}, batch_size=1, progress=False) == {}
+    after = fresh.load(keys, reader=reader).batch(torch.arange(6))
+    assert torch.equal(after.mask, before.mask)
+    assert_close_rel(after.tokens, before.tokens, FP32_NET, "re-encoded tokens")
+    # a shard that shrinks under an open table: an error naming it, not a crash (reading a map past its file's end is SIGBUS)
+    table = fresh.load(keys, reader=reader)
+    table.batch(torch.arange(6))
+    victim = fresh.index[keys[0]][0]
+    os.truncate(victim, 64)
+    with pytest.raises(EdgeGlassError, match=f"{victim.name}.*(truncated|changed on disk)"):
+        table.batch(torch.tensor([0]))

@@ -209,9 +209,8 @@ def test_rejects_bad_configuration():
         ttt_linear(q, k, v, 0.1, initial_state(w0, B), 0)
 
 
-def test_shift_benchmark_runs_and_writes_the_documented_json(tmp_path):
+def _shift_bench():
     import importlib.util
-    import json
     import sys
     from pathlib import Path
 
@@ -220,6 +219,13 @@ def test_shift_benchmark_runs_and_writes_the_documented_json(tmp_path):
     bench = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = bench
     spec.loader.exec_module(bench)
+    return bench
+
+
+def test_shift_benchmark_runs_and_writes_the_documented_json(tmp_path):
+    import json
+
+    bench = _shift_bench()
     out = tmp_path / "ttt_shift.json"
     bench.main(["--quick", "--steps", "2", "--stream", "180", "--rank", "4", "--json", str(out)])
     results = json.loads(out.read_text())["results"]
@@ -228,3 +234,151 @@ def test_shift_benchmark_runs_and_writes_the_documented_json(tmp_path):
     for r in results:
         assert 0.0 <= r["accuracy_mean"] <= 100.0 and r["accuracy_std"] >= 0.0 and r["seeds"] == 2
     assert not set(bench.REPORTED[1:]) & set(bench.SELECTION)      # selection never sees a reported shift
+
+
+# -- padding masks ------------------------------------------------------------------------------
+LENGTHS = [13, 6, 9]          # B = 3 sequences of different lengths in one (B, 13) batch
+
+
+def padded_batch(side: str, seed: int = 0):
+    """x (B, T, D) with item i's L_i real tokens placed right- / left- / interior-padded, garbage in the pads."""
+    g = torch.Generator().manual_seed(seed)
+    seqs = [torch.randn(L, D, generator=g, dtype=torch.float64) for L in LENGTHS]
+    x = 50.0 * torch.randn(B, T, D, generator=g, dtype=torch.float64)   # large garbage at padded positions
+    mask = torch.zeros(B, T, dtype=torch.bool)
+    for i, (L, s) in enumerate(zip(LENGTHS, seqs)):
+        if side == "right":
+            pos = torch.arange(L)
+        elif side == "left":
+            pos = torch.arange(T - L, T)
+        else:                                                          # holes: every other pad inside
+            pos = torch.randperm(T, generator=g)[:L].sort().values
+        mask[i, pos] = True
+        x[i, pos] = s
+    return x, mask, seqs
+
+
+@pytest.mark.parametrize("b", [1, 4, 5])
+@pytest.mark.parametrize("side", ["right", "left", "interior"])
+def test_padded_batch_equals_each_sequence_alone(b, side):
+    ad = trained_adapter(mini_batch_size=b, eta=0.7, bias=True)
+    x, mask, seqs = padded_batch(side)
+    y, st = ad(x, mask=mask)
+    for i, s in enumerate(seqs):
+        y_i, st_i = ad(s[None])
+        assert_close_rel(y[i, mask[i]], y_i[0], FP32_OPS, f"item {i} real outputs")
+        assert_close_rel(st.weight[i], st_i.weight[0], FP32_OPS, f"item {i} final W")
+        assert_close_rel(st.anchor[i], st_i.anchor[0], FP32_OPS, f"item {i} anchor")
+        assert int(st.count[i]) == st_i.count == len(s) % b and int(st.tokens[i]) == len(s)
+        assert_close_rel(st.token_loss[i, mask[i]], st_i.token_loss[0], FP32_OPS, f"item {i} online loss")
+    # padded positions: no adapter contribution, no inner loss
+    assert torch.equal(y[~mask], ad.base(x)[~mask] if ad.base is not None else x[~mask])
+    assert torch.count_nonzero(st.token_loss[~mask]) == 0
+    real = torch.cat([ad(s[None])[1].token_loss[0] for s in seqs])
+    assert_close_rel(st.inner_loss, real.mean(), FP32_OPS, "inner_loss averages real tokens only")
+
+
+def test_padding_never_leaks_across_items_or_into_the_state():
+    ad = trained_adapter(mini_batch_size=4, eta=0.8)
+    x, mask, _ = padded_batch("interior", seed=1)
+    y, st = ad(x, mask=mask)
+    x2 = x.clone()
+    x2[~mask] = torch.randn(int((~mask).sum()), D, dtype=torch.float64) * 100.0   # change only the pads
+    x2[1:, :][mask[1:]] += 3.0                                                        # and items 1.. real tokens
+    y2, st2 = ad(x2, mask=mask)
+    assert torch.equal(y2[0, mask[0]], y[0, mask[0]])                 # item 0 untouched by others / its pads
+    assert torch.equal(st2.weight[0], st.weight[0])
+    assert (y2[1:][mask[1:]] - y[1:][mask[1:]]).abs().max() > 1e-2    # live: the others did change
+    # pads alone (everything but the pads the same): bitwise the same outputs and state
+    x3 = x.clone()
+    x3[~mask] = -x3[~mask]
+    y3, st3 = ad(x3, mask=mask)
+    assert torch.equal(y3[mask], y[mask]) and torch.equal(st3.weight, st.weight)
+    # gradients: nothing flows to padded inputs
+    xg = x.clone().requires_grad_()
+    ad(xg, mask=mask)[0][mask].pow(2).sum().backward()
+    assert torch.count_nonzero(xg.grad[~mask]) == 0
+
+
+def test_masked_stream_continues_per_item_and_all_true_mask_is_unmasked():
+    """Two masked calls (each item's count carried as a tensor) == one call of the real tokens; an
+    all-True mask equals no mask."""
+    ad = trained_adapter(mini_batch_size=4, eta=0.6, bias=True)
+    x = torch.randn(B, T, D, dtype=torch.float64)
+    y_ref, st_ref = ad(x)
+    y_all, st_all = ad(x, mask=torch.ones(B, T, dtype=torch.bool))
+    assert_close_rel(y_all, y_ref, FP32_OPS, "all-True mask")
+    assert_close_rel(st_all.weight, st_ref.weight, FP32_OPS, "all-True mask W")
+    # split point differs per item: item i's first call holds cut_i real tokens, then right padding
+    cuts = [3, 9, 0]
+    m1 = torch.zeros(B, T, dtype=torch.bool)
+    for i, c in enumerate(cuts):
+        m1[i, :c] = True
+    y1, st1 = ad(x, mask=m1)
+    # second call: the rest of each stream, left-aligned and right-padded
+    x2 = torch.zeros_like(x)
+    m2 = torch.zeros(B, T, dtype=torch.bool)
+    for i, c in enumerate(cuts):
+        x2[i, :T - c] = x[i, c:]
+        m2[i, :T - c] = True
+    y2, st2 = ad(x2, mask=m2, state=st1)
+    for i, c in enumerate(cuts):
+        got = torch.cat([y1[i, :c], y2[i, :T - c]])
+        assert_close_rel(got, y_ref[i], FP32_OPS, f"item {i} split at {c}")
+    assert_close_rel(st2.weight, st_ref.weight, FP32_OPS, "final W")
+    assert [int(c) for c in st2.count] == [T % 4] * B
+    # an unmasked call continues a tensor-count state too
+    y3, st3 = ad(x[:, 2:5], state=ad(x[:, :2], mask=torch.ones(B, 2, dtype=torch.bool))[1])
+    assert_close_rel(y3, y_ref[:, 2:5], FP32_OPS, "unmasked after masked")
+
+
+def test_masked_single_token_steps_skip_padded_items():
+    """step(x_t (B, d), mask_t (B,)): an item whose token is padded keeps its state and gets y = x."""
+    ad = trained_adapter(mini_batch_size=2, eta=0.7)
+    x, mask, seqs = padded_batch("interior", seed=2)
+    ad.reset()
+    ys = [ad.step(x[:, t], mask[:, t]) for t in range(T)]
+    y = torch.stack(ys, 1)
+    for i, s in enumerate(seqs):
+        assert_close_rel(y[i, mask[i]], ad(s[None])[0][0], FP32_OPS, f"item {i}")
+    assert torch.equal(y[~mask], x[~mask])
+
+
+def test_fsdd_speaker_shift_benchmark_runs_and_never_reports_the_selection_speaker(tmp_path):
+    import json
+
+    from edge_glass.paths import data_root
+
+    if not any((data_root() / "fsdd" / "recordings").glob("*.wav")):
+        pytest.skip(f"FSDD not found under {data_root()} (set EDGE_GLASS_DATA)")
+    bench = _shift_bench()
+    out = tmp_path / "ttt_shift_fsdd.json"
+    bench.main(["--dataset", "fsdd", "--quick", "--steps", "2", "--stream", "40", "--rank", "4", "--json", str(out)])
+    doc = json.loads(out.read_text())
+    assert {(r["method"], r["shift"]) for r in doc["results"]} == {(m, s) for m in ("frozen", "tent", "ttt-noupdate", "ttt")
+                                                                   for s in bench.FSDD_REPORTED}
+    assert bench.FSDD_VAL_SPEAKER not in doc["test_speakers"] and doc["test_speakers"]
+    for r in doc["results"]:
+        assert 0.0 <= r["accuracy_mean"] <= 100.0
+
+
+def test_benchmark_net_padded_streams_equal_each_stream_alone():
+    """The benchmark's classifier with a padding mask: streams of different lengths in one batch give
+    each stream's own logits (adapter state per stream, padded images never in BatchNorm or W)."""
+    bench = _shift_bench()
+    torch.manual_seed(0)
+    net = bench.Net({"rank": 4, "eta": 0.7, "mini_batch_size": 4}).double().eval()
+    with torch.no_grad():
+        net.first.up.weight.normal_()
+    lens = [9, 5]
+    xs = [torch.randn(L, 64, dtype=torch.float64) for L in lens]
+    x = 30.0 * torch.randn(2, 9, 64, dtype=torch.float64)
+    mask = torch.zeros(2, 9, dtype=torch.bool)
+    for i, xi in enumerate(xs):
+        x[i, :len(xi)], mask[i, :len(xi)] = xi, True
+    with torch.no_grad():
+        logits, _ = net(x, mask)
+        for i, xi in enumerate(xs):
+            alone, _ = net(xi[None])
+            assert_close_rel(logits[i, :len(xi)], alone[0], FP32_OPS, f"stream {i}")
+        assert torch.count_nonzero(logits[~mask]) == 0

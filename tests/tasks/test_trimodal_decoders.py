@@ -112,6 +112,9 @@ def test_spoken_vqa_and_speech_to_text_in_one_run(easy_vqa_jsonl, fsdd_subset, t
     assert set(result["by_input"]) == {"image+audio", "audio"} and set(result["by_kind"]) == {"qa", "transcript"}
     assert 0 <= result["wer"] and result["wer_n"] == result["by_kind"]["transcript"]["n"]
     assert json.loads((run / "encoders.json").read_text()).keys() == {"image", "audio"}
+    records = json.loads((run / "eval_predictions.json").read_text())
+    assert all("audio" in p["given"] and "question" not in p["given"] for p in records)
+    assert any(p["question"] for p in records)  # a text question on the sample, dropped by the run
     model = edge_glass.load(run)
     samples = read_qa(f"spoken-qa:2:jsonl:{easy_vqa_jsonl}", DataReport())[:3]
     a = model.answer(images=[s.image for s in samples], audio=[s.audio for s in samples])

@@ -217,7 +217,7 @@ def test_stale_temporary_checkpoints_are_removed_at_start(tmp_path):
     (stale / "optimizer.pt").write_bytes(b"torn")
     done = tmp_path / "checkpoints" / "step-00000040"
     done.mkdir()
-    Checkpointer(tmp_path, keep=2)
+    _checkpointer(tmp_path)
     assert not stale.exists() and done.is_dir()
 
 
@@ -239,41 +239,52 @@ class Payload:
 
 
 def _tiny_training_state():
+    """A prepared model, optimizer and scheduler one step in, as a (re)started training process has them."""
+    from accelerate import Accelerator
+
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.5), nn.Linear(8, 2))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    core = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.5), nn.Linear(8, 2))
+    optimizer = torch.optim.AdamW(core.parameters(), lr=1e-2)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0 / (1 + s))
+    acc = Accelerator(cpu=True)
+    model, optimizer = acc.prepare(core, optimizer)
     model(torch.randn(3, 4)).sum().backward()
     optimizer.step()
     scheduler.step()
-    return model, optimizer, scheduler
+    return acc, core, scheduler
+
+
+def _checkpointer(run_dir: Path) -> Checkpointer:
+    """A fresh training process's checkpointer (its own accelerator, model and optimizer)."""
+    acc, core, scheduler = _tiny_training_state()
+    return Checkpointer(run_dir, keep=2, acc=acc, core=core, scheduler=scheduler)
 
 
 STATE = {"epoch": 0, "batch_in_epoch": 1, "total_steps": 9, "running_loss": 0.5, "steps_since_log": 1, "best_score": 1.0, "best_step": 1}
 
 
 def test_a_checkpoint_holding_an_arbitrary_object_is_refused_without_running_it(tmp_path):
-    model, optimizer, scheduler = _tiny_training_state()
-    path = Checkpointer(tmp_path, keep=2).save(1, model.state_dict(), optimizer, scheduler, STATE)
+    path = _checkpointer(tmp_path).save(1, STATE)
     marker = tmp_path / "marker"
-    torch.save(Payload(marker), path / "optimizer.pt")
-    with pytest.raises(EdgeGlassError, match=rf"^{path / 'optimizer.pt'}: cannot be loaded safely"):
-        Checkpointer(tmp_path, keep=2).load(path, model, optimizer, scheduler)
+    torch.save(Payload(marker), path / "optimizer.bin")
+    with pytest.raises(EdgeGlassError, match=rf"^{path / 'optimizer.bin'}: cannot be loaded safely"):
+        _checkpointer(tmp_path).load(path)
     assert not marker.exists()  # nothing of the payload ran
-    torch.load(path / "optimizer.pt", weights_only=False)  # (what loading it unsafely would have done)
+    torch.load(path / "optimizer.bin", weights_only=False)  # (what loading it unsafely would have done)
     assert marker.read_text() == "code from a checkpoint ran"
 
 
 def test_a_torn_checkpoint_file_is_refused_with_its_name(tmp_path):
-    model, optimizer, scheduler = _tiny_training_state()
-    path = Checkpointer(tmp_path, keep=2).save(1, model.state_dict(), optimizer, scheduler, STATE)
-    data = (path / "scheduler.pt").read_bytes()
-    (path / "scheduler.pt").write_bytes(data[: len(data) // 2])
-    with pytest.raises(EdgeGlassError, match=rf"^{path / 'scheduler.pt'}: cannot be loaded safely"):
-        Checkpointer(tmp_path, keep=2).load(path, model, optimizer, scheduler)
+    path = _checkpointer(tmp_path).save(1, STATE)
+    scheduler_file = path / "custom_checkpoint_0.pkl"  # the registered LR scheduler
+    data = scheduler_file.read_bytes()
+    scheduler_file.write_bytes(data[: len(data) // 2])
+    with pytest.raises(EdgeGlassError, match=rf"^{scheduler_file}: cannot be loaded safely"):
+        _checkpointer(tmp_path).load(path)
+    scheduler_file.write_bytes(data)
     (path / "model.safetensors").unlink()
     with pytest.raises(EdgeGlassError, match=rf"^{path / 'model.safetensors'}: missing"):
-        Checkpointer(tmp_path, keep=2).load(path, model, optimizer, scheduler)
+        _checkpointer(tmp_path).load(path)
 
 
 def _draws() -> list:
@@ -283,19 +294,19 @@ def _draws() -> list:
 
 
 def test_rng_states_round_trip_exactly_through_a_checkpoint(tmp_path):
-    model, optimizer, scheduler = _tiny_training_state()
+    ckpt = _checkpointer(tmp_path)
     random.seed(1)
     np.random.seed(2)
     torch.manual_seed(3)
     random.gauss(0, 1)  # leaves a cached second normal in each generator's state
     np.random.standard_normal()
-    ckpt = Checkpointer(tmp_path, keep=2)
-    path = ckpt.save(1, model.state_dict(), optimizer, scheduler, STATE)
+    path = ckpt.save(1, STATE)
     expected = _draws()
+    fresh = _checkpointer(tmp_path)
     random.seed(99)
     np.random.seed(99)
     torch.manual_seed(99)
     assert _draws() != expected
-    state = Checkpointer(tmp_path, keep=2).load(path, model, optimizer, scheduler)
+    state = fresh.load(path)
     assert _draws() == expected
     assert state == {**STATE, "step": 1}

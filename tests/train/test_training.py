@@ -18,6 +18,8 @@ import yaml
 from numerics import FP32_NET, assert_close_rel
 from safetensors.torch import load_file
 
+from edge_glass.train.logging import TIMING_KEYS
+
 EDGE_GLASS = [sys.executable, "-m", "edge_glass.cli"]
 
 
@@ -181,7 +183,7 @@ def test_run_killed_with_sigkill_and_resumed_ends_like_an_uninterrupted_run(coco
     assert all(torch.equal(a[k], b[k]) for k in a)
 
     def lines(p):
-        return [{k: v for k, v in json.loads(l).items() if k != "sec_per_step"} for l in (p / "metrics.jsonl").read_text().splitlines()]
+        return [{k: v for k, v in json.loads(l).items() if k not in TIMING_KEYS} for l in (p / "metrics.jsonl").read_text().splitlines()]
 
     assert lines(killed) == lines(tmp_path / "straight")
 
