@@ -57,7 +57,7 @@ def parameter_rows(cfg: Any, run_dir: Path | None = None) -> list[tuple[str, int
     return task_for(cfg).parameter_rows(run_dir)
 
 
-EXPORT_FORMATS = ("onnx", "torchscript", "sentence-transformers", "hf", "peft")
+EXPORT_FORMATS = ("onnx", "torchscript", "torch-export", "sentence-transformers", "hf", "peft")
 
 
 def export(run_dir: str | Path, out: str | Path, format: str = "onnx", dim: int | None = None, int8: bool = False,
@@ -71,11 +71,17 @@ def export(run_dir: str | Path, out: str | Path, format: str = "onnx", dim: int 
     sentence-transformers  the text tower as a SentenceTransformer directory (alignment runs)
     hf                     save_pretrained: config.json + model.safetensors + a model card README.md
     peft                   a LoRA decoder as a PEFT adapter (``merge``: a merged causal LM) + its projector
+    torch-export           an NL-MM run's embedding path per modality as torch.export programs (+ TorchScript),
+                           parity-checked (edge_glass.export.nlmm); ``torchscript`` on an NL-MM run writes the same
     """
     from .export import formats, onnx
 
     if format not in EXPORT_FORMATS:
         raise EdgeGlassError(f"--format {format}: choose one of {', '.join(EXPORT_FORMATS)}")
+    if format == "torch-export" or (format == "torchscript" and RunDir(run_dir).read_config().task == "nlmm"):
+        from .export.nlmm import export_nlmm
+
+        return export_nlmm(run_dir, out, dim=dim)
     if format == "torchscript":
         from .export.torchscript import export_torchscript
 

@@ -56,10 +56,10 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--dim", type=int, help="embedding size (default: the largest)")
     m.add_argument("--device", help="cpu | cuda | cuda:N (default: CUDA if available)")
 
-    x = sub.add_parser("export", help="write a run as ONNX towers (edge_glass.runtime), a sentence-transformers / HF / PEFT directory")
+    x = sub.add_parser("export", help="write a run as ONNX towers (edge_glass.runtime), TorchScript / torch.export programs, a sentence-transformers / HF / PEFT directory")
     x.add_argument("run_dir")
     x.add_argument("--out", required=True, help="output directory (new or empty)")
-    x.add_argument("--format", default="onnx", choices=["onnx", "torchscript", "sentence-transformers", "hf", "peft"])
+    x.add_argument("--format", default="onnx", choices=["onnx", "torchscript", "torch-export", "sentence-transformers", "hf", "peft"])
     x.add_argument("--dim", type=int, help="Matryoshka dim of the towers (default: the largest)")
     x.add_argument("--int8", action="store_true", help="onnx: add int8 graphs, shipped where they keep cosine >= 0.99 and run faster")
     x.add_argument("--merge", action="store_true", help="peft: write the LoRA merged into the causal LM")

@@ -288,7 +288,126 @@ class VLMConfig(Strict):
         return modality == "image" or (modality == "audio" and self.audio is not None)
 
 
-TASKS: dict[str, type[Strict]] = {"alignment": AlignmentConfig, "vlm": VLMConfig}
+# --- NL-MM: the nested-learning multimodal model -----------------------------------------------
+
+class NLMMLevelConfig(Strict):
+    """One continuum-memory level of the central memory: its own update period (OPTIMIZER STEPS:
+    the level changes once every ``period`` steps, by the gradients summed since its last
+    change), learning rate and optimizer."""
+
+    name: str
+    period: int = Field(1, ge=1, description="optimizer steps between this level's updates")
+    lr: float = Field(1e-3, ge=0)
+    hidden: int | None = Field(None, ge=1, description="MLP width; default 4 x d_model")
+    optimizer: Literal["adamw", "adam", "sgd", "dmgd"] = "dmgd"
+    optimizer_kwargs: dict[str, Any] = Field(default_factory=dict)
+
+
+class NLMMTTTConfig(Strict):
+    """Test-time training: a low-rank adapter on each encoder's tokens whose fast weight learns
+    online (inner L2 reconstruction loss) over every sequence, in training and at inference."""
+
+    enabled: bool = True
+    rank: int = Field(16, ge=1)
+    eta: float = Field(0.5, ge=0, description="inner learning rate; 0 turns adaptation off")
+    mini_batch: int = Field(4, ge=1, description="tokens per inner gradient step")
+
+
+class NLMMModelConfig(Strict):
+    d_model: int = Field(128, ge=8)
+    heads: int = Field(4, ge=1)
+    mixer: Literal["gated_delta", "delta", "linear", "softmax"] = Field(
+        "gated_delta", description="token mixer of every block: a fast-weight rule, or softmax attention (ablation)")
+    chunk_size: int = Field(64, ge=1, description="chunk length of the fast-weight chunked (WY) form")
+    ffn_mult: int = Field(4, ge=1)
+    depth: dict[Literal["text", "image", "audio"], int] = Field(default_factory=lambda: {"text": 2, "image": 2, "audio": 2})
+    patch_size: int = Field(8, ge=1)
+    audio_stride: Literal[1, 2, 4] = Field(4, description="log-mel frames per audio token (conv front end)")
+    memory: Literal["latent", "concat"] = Field("latent", description="latent: L_mem slots read every modality by cross-attention; concat: no central memory, the decoders see the concatenated tokens")
+    memory_slots: int = Field(16, ge=1)
+    memory_rounds: int = Field(1, ge=1, description="read -> CMS -> broadcast rounds (the slots are broadcast back to the tokens between rounds)")
+    cms: list[NLMMLevelConfig] | None = Field(
+        default_factory=lambda: [NLMMLevelConfig(name="fast", period=1, lr=1e-3), NLMMLevelConfig(name="mid", period=4, lr=5e-4),
+                                 NLMMLevelConfig(name="slow", period=16, lr=2e-4)],
+        description="continuum-memory levels on the memory slots (fast -> slow); null: one plain MLP of the same width, trained with the rest")
+    decoder_depth: int = Field(2, ge=1, description="causal blocks of the text decoder")
+    recon_depth: int = Field(1, ge=1, description="cross-attention blocks of the image / audio reconstruction decoders")
+    embed_dims: list[int] = Field(default_factory=lambda: [128, 32], min_length=1, description="Matryoshka dims of the retrieval embedding")
+    ttt: NLMMTTTConfig = NLMMTTTConfig()
+    gradient_checkpointing: bool = False
+    plain: bool = Field(False, description="a plain transformer baseline: softmax mixers, no central memory, no CMS, no TTT (the model's other flags are ignored)")
+
+    @field_validator("embed_dims")
+    @classmethod
+    def _dims(cls, v: list[int]) -> list[int]:
+        if any(d < 1 for d in v) or len(set(v)) != len(v):
+            raise ValueError("embed_dims must be distinct positive integers")
+        return sorted(v, reverse=True)
+
+    @model_validator(mode="after")
+    def _check(self) -> "NLMMModelConfig":
+        if self.d_model % self.heads:
+            raise ValueError(f"d_model {self.d_model} is not divisible by heads {self.heads}")
+        if self.embed_dims[0] > self.d_model:
+            raise ValueError(f"embed_dims: {self.embed_dims[0]} exceeds d_model {self.d_model}")
+        names = [lv.name for lv in self.cms or []]
+        if len(set(names)) != len(names):
+            raise ValueError(f"cms: level names must be distinct, got {names}")
+        return self
+
+
+class NLMMDataConfig(Strict):
+    train: list[str] = Field(min_length=1, description="dataset specs with any of image / audio / text: coco:DIR, spoken:coco:DIR, fsdd:DIR, jsonl:FILE, flickr8k:DIR...")
+    split: SplitConfig = SplitConfig()
+    eval: list[str] = Field(default_factory=list, description="extra datasets evaluated whole at the end")
+    max_groups: int | None = Field(None, ge=1, description="use only this many images/clips per dataset (quick runs)")
+    image_size: int = Field(64, ge=8, description="images resized to this square size")
+    n_mels: int = Field(40, ge=8)
+    max_audio_seconds: float = Field(6.0, gt=0)
+    max_text_tokens: int = Field(32, ge=1)
+    vocab_min_count: int = Field(2, ge=1, description="words seen fewer times in the training split are <unk>")
+    max_vocab: int = Field(8000, ge=8, description="the most frequent words kept (the token embedding's size at most)")
+    workers: int = Field(2, ge=1, description="decoding threads")
+
+
+class NLMMLossConfig(Strict):
+    """Loss weights (0 turns a term off) and the contrastive temperature."""
+
+    text: float = Field(1.0, ge=0, description="caption / transcript language modelling, conditioned on the memory of the other modalities")
+    image: float = Field(1.0, ge=0, description="patch reconstruction from the memory")
+    audio: float = Field(1.0, ge=0, description="log-mel reconstruction from the memory")
+    contrastive: float = Field(1.0, ge=0, description="InfoNCE between pooled per-modality memories (Matryoshka over embed_dims)")
+    temperature: TemperatureConfig = TemperatureConfig()
+
+
+class NLMMEvalConfig(Strict):
+    ks: list[int] = Field(default_factory=lambda: [1, 5, 10])
+    batch_size: int = Field(64, ge=1)
+    max_new_tokens: int = Field(24, ge=1)
+    samples: int = Field(20, ge=0, description="generated captions / transcripts saved with each evaluation")
+    val_limit: int | None = Field(400, ge=1, description="validation samples per periodic evaluation")
+    adapt: Literal["sequence", "none", "stream"] = Field(
+        "sequence", description="test-time training at evaluation: sequence = online per sequence (as trained), none = eta 0, "
+                                "stream = the adapter's state carried across the evaluated samples in order")
+
+
+class NLMMConfig(Strict):
+    """An NL-MM experiment: fast-weight encoders trained from raw media -> central latent memory
+    with continuum-memory levels -> text / image / audio decoders and a contrastive embedding."""
+
+    task: Literal["nlmm"] = "nlmm"
+    name: str = "experiment"
+    seed: int = 0
+    model: NLMMModelConfig = NLMMModelConfig()
+    loss: NLMMLossConfig = NLMMLossConfig()
+    data: NLMMDataConfig
+    train: TrainConfig = TrainConfig()
+    ema: float | None = Field(0.999, gt=0, lt=1, description="decay of the EMA weights (evaluated and saved); null: none")
+    eval: NLMMEvalConfig = NLMMEvalConfig()
+    variants: dict[str, dict[str, Any]] = Field(default_factory=dict, description="ablation: name -> overrides")
+
+
+TASKS: dict[str, type[Strict]] = {"alignment": AlignmentConfig, "vlm": VLMConfig, "nlmm": NLMMConfig}
 
 
 # --- loading, overrides, errors -----------------------------------------------------------------

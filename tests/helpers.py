@@ -34,3 +34,33 @@ def save_tiny_qwen(out: Path, layers: int = 1) -> Path:
     AutoModelForCausalLM.from_config(cfg).save_pretrained(out)
     tok.save_pretrained(out)
     return out
+
+
+def train_losses(run_dir: Path) -> list[float]:
+    """The loss of every logged training step of a run directory (metrics.jsonl)."""
+    import json
+
+    return [json.loads(l)["loss"] for l in (run_dir / "metrics.jsonl").read_text().splitlines() if json.loads(l)["kind"] == "train"]
+
+
+def torchrun_train(cfg: Path, out: Path, port_base: int = 29500):
+    """`torchrun --nproc_per_node 2 -m edge_glass.cli train CFG --out OUT` (a free-ish port per test process)."""
+    import os
+    import subprocess
+    import sys
+
+    torchrun = Path(sys.executable).with_name("torchrun")
+    cmd = [str(torchrun), "--nproc_per_node", "2", "--master_port", str(port_base + os.getpid() % 1000), "-m", "edge_glass.cli",
+           "train", str(cfg), "--out", str(out), "--no-progress"]
+    return subprocess.run(cmd, check=False, capture_output=True, text=True)
+
+
+def relative_weight_gap(a_file: Path, b_file: Path) -> float:
+    """|a - b| / |a| over every tensor of two safetensors files (same keys), as one vector."""
+    import torch
+    from safetensors.torch import load_file
+
+    a, b = load_file(str(a_file)), load_file(str(b_file))
+    assert set(a) == set(b)
+    va, vb = torch.cat([a[k].flatten().double() for k in sorted(a)]), torch.cat([b[k].flatten().double() for k in sorted(b)])
+    return ((va - vb).norm() / va.norm()).item()

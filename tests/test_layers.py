@@ -10,7 +10,7 @@ import edge_glass
 
 ROOT = Path(edge_glass.__file__).parent
 LAYERS = ["errors", "paths", "registry", "atomic", "tensors", "media", "runtime", "weights", "encoders", "data", "features",
-          "heads", "losses", "nested", "decoders", "models", "eval", "config", "runs", "tasks", "export", "report", "train", "api", "cli", "__init__"]
+          "heads", "losses", "nested", "decoders", "models", "eval", "nlmm", "config", "runs", "tasks", "export", "report", "train", "api", "cli", "__init__"]
 
 
 def imports() -> list[tuple[str, str, str]]:

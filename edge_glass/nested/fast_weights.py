@@ -226,6 +226,12 @@ def delta_rule_recurrent(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, decay: T
 _FACTOR_SPAN = {torch.float32: 40.0, torch.float64: 300.0}
 
 
+def _graph_capture() -> bool:
+    """Whether a graph is being captured (torch.export, torch.jit.trace, torch.compile)."""
+    compiler = getattr(torch, "compiler", None)
+    return bool(torch.jit.is_tracing() or (compiler is not None and (compiler.is_compiling() or getattr(compiler, "is_exporting", lambda: False)())))
+
+
 def _chunk_prep(q: Tensor | None, k: Tensor, v: Tensor, b: Tensor, g: Tensor):
     """Chunk-local parts of the WY form, for any leading dims: (..., C, d) inputs, g (..., C).
 
@@ -248,7 +254,10 @@ def _chunk_solve(q: Tensor | None, k: Tensor, v: Tensor, b: Tensor, g: Tensor):
     C = k.shape[-2]
     eg = g.exp()
     span = _FACTOR_SPAN.get(g.dtype, 0.0)
-    factored = g.numel() == 0 or float(-g[..., -1].detach().min()) <= span
+    if _graph_capture():  # torch.export / jit.trace / compile: no host sync, the path valid for any span
+        factored = False
+    else:
+        factored = g.numel() == 0 or float(-g[..., -1].detach().min()) <= span
     # A and the right-hand side are built transposed (A^T, rhs^T contiguous), so that A and rhs are
     # column-major, as the triangular solve (LAPACK) wants them: no copies inside the solve.
     if factored:

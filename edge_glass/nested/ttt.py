@@ -73,6 +73,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from .fast_weights import _graph_capture
 
 Tensor = torch.Tensor
 
@@ -242,7 +243,10 @@ def ttt_linear_masked(q: Tensor, k: Tensor, v: Tensor, eta: float, state: TTTSta
     n0 = n0.to(dev, torch.long)
     L = m.sum(1)
     end = n0 + L                                                         # slots used per item
-    n_mb = int(-(-int(end.max()) // b)) if B else 0                      # ceil(max end / b)
+    if _graph_capture() and not isinstance(state.count, Tensor):       # no host sync: the static bound (extra
+        n_mb = -(-(int(state.count) + T) // b)                           # mini-batches are empty slots: no-ops)
+    else:
+        n_mb = int(-(-int(end.max()) // b)) if B else 0                  # ceil(max end / b)
     rank = m.long().cumsum(1) - 1                                        # index among the real tokens
     slot = torch.where(m, n0[:, None] + rank, torch.zeros_like(rank))
     Tp = n_mb * b

@@ -51,27 +51,38 @@ def _prefixed(spec: str, samples: list[Sample]) -> list[Sample]:
     return [Sample(**{**s.__dict__, "group": f"{spec}|{s.group}"}) for s in samples]
 
 
-def load_splits(cfg, encoders: dict, report: DataReport, progress: bool = True) -> tuple[dict[str, PairedData], dict[str, dict[str, list[str]]]]:
-    """All training datasets read, split by group per dataset, encoded once.
+def read_and_split(dcfg, report: DataReport) -> tuple[list[Sample], dict[str, str], dict[str, dict[str, list[str]]], dict[str, list[Sample]]]:
+    """Every training dataset of a data config (``train``, ``split``, ``max_groups``, ``eval``) read
+    and split by group, each dataset on its own.
 
-    Returns ({"train"|"val"|"test"|"eval:<spec>": PairedData}, {spec: {"val": groups, "test": groups}}).
-    Groups are prefixed with their dataset spec, so two datasets never share a group. Splits a
-    dataset predefines (Sample.split) are honoured; the seeded hash splits the rest.
+    Returns (training-dataset samples, {group: "train" | "val" | "test"}, {spec: {"val": groups,
+    "test": groups}}, {eval spec: its samples}). Groups are prefixed with their dataset spec, so two
+    datasets never share a group. Splits a dataset predefines (Sample.split) are honoured; the
+    seeded hash splits the rest (hashed by what the data is: wds:DIR shards split like the spec
+    they were made from).
     """
     samples: list[Sample] = []
-    membership: dict[str, str] = {}  # group -> split
+    membership: dict[str, str] = {}
     split_record: dict[str, dict[str, list[str]]] = {}
-    for spec in cfg.data.train:
-        raw = limit_groups(read_dataset(spec, report), cfg.data.max_groups)
+    for spec in dcfg.train:
+        raw = limit_groups(read_dataset(spec, report), dcfg.max_groups)
         part = _prefixed(spec, raw)
-        # hashed by what the data is: wds:DIR shards split like the spec they were made from
-        hashed = sample_splits(_prefixed(split_identity(spec), raw), cfg.data.split.val, cfg.data.split.test, cfg.data.split.seed)
+        hashed = sample_splits(_prefixed(split_identity(spec), raw), dcfg.split.val, dcfg.split.test, dcfg.split.seed)
         splits = {k: {f"{spec}|{g.split('|', 1)[1]}" for g in v} for k, v in hashed.items()}
         for name, groups in splits.items():
             membership.update((g, name) for g in groups)
         split_record[spec] = {k: sorted(g.split("|", 1)[1] for g in v) for k, v in splits.items() if k != "train"}
         samples += part
-    extra = {spec: _prefixed(spec, evaluation_samples(read_dataset(spec, report))) for spec in cfg.data.eval}
+    extra = {spec: _prefixed(spec, evaluation_samples(read_dataset(spec, report))) for spec in dcfg.eval}
+    return samples, membership, split_record, extra
+
+
+def load_splits(cfg, encoders: dict, report: DataReport, progress: bool = True) -> tuple[dict[str, PairedData], dict[str, dict[str, list[str]]]]:
+    """All training datasets read, split by group per dataset (read_and_split), encoded once.
+
+    Returns ({"train"|"val"|"test"|"eval:<spec>": PairedData}, {spec: {"val": groups, "test": groups}}).
+    """
+    samples, membership, split_record, extra = read_and_split(cfg.data, report)
     samples += [s for part in extra.values() for s in part]
     data = build_paired_data(samples, encoders, report, feature_cache_dir(cfg), cfg.cache.dtype, cfg.cache.shard_size, progress)
     out = {name: data.select([i for i, s in enumerate(data.samples) if membership.get(s.group) == name]) for name in ("train", "val", "test")}

@@ -4,7 +4,7 @@ One registry (``TASKS``) maps a config's ``task:`` to its Task; the training loo
 ``cli`` only call these hooks, so a new model family is one file here plus its config class.
 
     training     load (data splits), build (the trainable core), loss, optimizer, after_step,
-                 evaluate, score (best-step selection), state_to_save, save_files, records
+                 evaluate, score (best-step selection), state_to_save, checkpoint_state, save_files, records
     a trained    load_run (the inference model), evaluate_run (a data spec or the run's own
     run          test split), parameter_rows
     results      table (one result), compare (ablation variants)
@@ -74,6 +74,11 @@ class Task(ABC):
     def state_to_save(self, core: nn.Module) -> dict[str, torch.Tensor]:
         """The weights a run directory keeps (default: all of the core's state)."""
         return core.state_dict()
+
+    def checkpoint_state(self, core: nn.Module) -> dict[str, torch.Tensor]:
+        """The weights a checkpoint keeps to resume exactly (default: what the run keeps); a task
+        whose saved model differs from its training state (EMA weights) keeps the whole state."""
+        return self.state_to_save(core)
 
     def save_files(self, run) -> None:
         """Extra files a run directory needs to be loaded again (tokenizers...)."""

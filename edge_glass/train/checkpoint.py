@@ -4,7 +4,7 @@
 registered LR scheduler, the RNG states of every process; under DeepSpeed ZeRO or FSDP the
 sharded model and optimizer state of every rank) plus our ``state.json`` (step, data position,
 running loss, best validation score). Without a sharding engine the model file is our own: the
-weights the task keeps (``Task.state_to_save``: frozen backbones reloaded from their source are
+weights the task keeps to resume (``Task.checkpoint_state``, by default ``state_to_save``: frozen backbones reloaded from their source are
 left out), under the core's own parameter names, checked against the model when loaded.
 
 Every process writes into ``checkpoints/.tmp-step-N``; once all have, rank 0 fsyncs it and renames

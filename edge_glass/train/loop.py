@@ -234,7 +234,7 @@ def _train(cfg, task: Task, acc, run: RunDir, resume: bool, progress: bool) -> d
     configure_engine(acc, core, tcfg)
     replica = copy.deepcopy(core).to(acc.device) if sharded(acc) and main else None
     model, optimizer = acc.prepare(core, optimizer)
-    ckpt = Checkpointer(run.path, tcfg.keep_checkpoints, acc, core, scheduler, task.state_to_save)
+    ckpt = Checkpointer(run.path, tcfg.keep_checkpoints, acc, core, scheduler, task.checkpoint_state)
 
     start, running, since_log, best, window = 0, 0.0, 0, (float("-inf"), 0), {}  # best = (validation score, step)
     if resume and (latest := latest_checkpoint(run.path)) is not None:

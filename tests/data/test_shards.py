@@ -269,3 +269,21 @@ def test_the_shard_command(coco20, tmp_path, capsys):
     assert len(read_dataset(f"wds:{tmp_path / 's'}")) == 100
     assert main(["shard", f"coco:{tmp_path / 'nowhere'}", "--out", str(tmp_path / "t")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_a_training_run_from_shards_killed_mid_epoch_resumes_to_the_same_metrics(coco20, shards, tmp_path):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "train"))
+    from test_training import _kill_after, _latest_step, run
+
+    cfg_path = write_config(tmp_path / "wds.yaml", coco20, epochs=2, batch_size=8, checkpoint_every=3, log_every=1)
+    raw = yaml.safe_load(cfg_path.read_text())
+    raw["data"]["train"] = [f"wds:{shards}"]
+    cfg_path.write_text(yaml.safe_dump(raw))
+    run("train", str(cfg_path), "--out", str(tmp_path / "straight"), "--no-progress")
+    steps = json.loads((tmp_path / "straight" / "summary.json").read_text())
+    assert steps["steps_per_epoch"] > 3  # the checkpoint of step 3 is inside the first epoch
+    args = ["train", str(cfg_path), "--out", str(tmp_path / "killed"), "--no-progress"]
+    _kill_after(args, tmp_path / "killed", min_step=3, delay=0.0)
+    assert 3 <= _latest_step(tmp_path / "killed") < steps["steps"]
+    run(*args, "--resume")
+    assert json.loads((tmp_path / "killed" / "eval.json").read_text()) == json.loads((tmp_path / "straight" / "eval.json").read_text())
