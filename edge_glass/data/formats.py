@@ -29,7 +29,7 @@ from typing import Any, NamedTuple
 
 from ..errors import DataError
 from ..paths import resolve_data_path
-from .download import UrlFetcher
+from .download import UrlFetcher, table_rows
 from .samples import DataReport, Sample
 
 Reader = Callable[[Path, DataReport], list[Sample]]
@@ -224,21 +224,7 @@ CAPTION_COLUMNS = ("caption", "text", "caption_text", "description")
 @dataset_format("parquet")
 def read_parquet(path: Path, report: DataReport) -> list[Sample]:
     """Rows in table order; image URLs are first downloaded together, in parallel (download.py)."""
-    import pyarrow.parquet as pq
-
-    files = sorted(path.glob("*.parquet")) if path.is_dir() else [path]
-    rows: list[tuple[Path, int, Any, Any]] = []
-    for file in files:
-        table = pq.read_table(file)
-        cols = table.column_names
-        img_col = next((c for c in IMAGE_COLUMNS if c in cols), None)
-        cap_col = next((c for c in CAPTION_COLUMNS if c in cols), None)
-        if img_col is None or cap_col is None:
-            raise DataError(f"{file}: need an image column ({'/'.join(IMAGE_COLUMNS)}) and a caption column ({'/'.join(CAPTION_COLUMNS)}); found {cols}")
-        for i, (img, cap) in enumerate(zip(table.column(img_col).to_pylist(), table.column(cap_col).to_pylist())):
-            if isinstance(img, dict):  # Hugging Face datasets Image feature: {"bytes", "path"}
-                img = img.get("bytes") or img.get("path")
-            rows.append((file, i, img, cap))
+    rows = table_rows(path)
     urls = [img for _, _, img, cap in rows if _is_url(img) and clean_text(cap)]
     fetched = UrlFetcher.from_env().fetch_all(urls) if urls else {}
     out: list[Sample] = []
