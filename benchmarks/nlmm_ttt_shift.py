@@ -53,7 +53,7 @@ def main() -> None:
     everything = split_data(cfg, DataReport())[0]["test"]
     digits_test = [s for s in everything if s.group.split("|", 1)[0].startswith("fsdd")]
     if digits_test:  # e.g. fsdd-holdout:SPEAKER:fsdd: a voice never heard in training, digits from audio alone
-        data = build_nlmm_data(digits_test, model.tokenizer, model.spec, DataReport(), workers=2)
+        data = build_nlmm_data(digits_test, model.tokenizer, model.spec, DataReport(), workers=2, backbones=model.backbones)
         out = {"run": args.run, "n": len(data), "results": {}}
         for mode in ("none", "sequence", "stream"):
             with adaptation(net, mode, ["audio"]), torch.no_grad():
@@ -71,7 +71,7 @@ def main() -> None:
     sets = {"training voices": test, "unseen voice": spoken}
     out: dict = {"run": args.run, "voice": str(HELDOUT_POOL.pick("")), "n": len(test), "results": {}}
     for name, samples in sets.items():
-        data = build_nlmm_data(samples, model.tokenizer, model.spec, DataReport(), workers=2)
+        data = build_nlmm_data(samples, model.tokenizer, model.spec, DataReport(), workers=2, backbones=model.backbones)
         for mode in ("none", "sequence", "stream"):
             with adaptation(net, mode, ['audio']), torch.no_grad():
                 at = retrieval(net, data, "audio", "text", cfg.eval.ks, cfg.eval.batch_size)

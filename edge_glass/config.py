@@ -404,7 +404,25 @@ class NLMMConfig(Strict):
     train: TrainConfig = TrainConfig()
     ema: float | None = Field(0.999, gt=0, lt=1, description="decay of the EMA weights (evaluated and saved); null: none")
     eval: NLMMEvalConfig = NLMMEvalConfig()
+    backbones: dict[str, ENCODERS.config_union()] = Field(  # type: ignore[valid-type]
+        default_factory=dict,
+        description="modality -> a frozen pretrained encoder whose token features feed that NL-MM encoder in place of its "
+                    "raw-media front end (encoded once, cached as for alignment); the other modalities train from raw media")
+    cache: CacheConfig = CacheConfig()
     variants: dict[str, dict[str, Any]] = Field(default_factory=dict, description="ablation: name -> overrides")
+
+    @model_validator(mode="after")
+    def _backbones(self) -> "NLMMConfig":
+        from .encoders.base import FrozenEncoder
+
+        for name, enc in self.backbones.items():
+            cls = ENCODERS.get(enc.type)
+            if name != cls.modality:
+                raise ValueError(f"backbones.{name}: encoder {enc.type!r} is a {cls.modality} encoder; put it under backbones.{cls.modality}")
+            if not issubclass(cls, FrozenEncoder):
+                raise ValueError(f"backbones.{name}: {enc.type!r} is a trainable encoder; a backbone is a frozen pretrained one "
+                                 f"(the NL-MM encoder itself is the trainable part)")
+        return self
 
 
 TASKS: dict[str, type[Strict]] = {"alignment": AlignmentConfig, "vlm": VLMConfig, "nlmm": NLMMConfig}

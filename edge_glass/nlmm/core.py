@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import hashlib
 import math
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
@@ -120,8 +121,7 @@ class NLMMCore(nn.Module):
                 terms["image"] = global_mean(err.sum(), rows.sum() * target.shape[1])
             if lcfg.audio and "audio" in streams:
                 mel, frames = batch["audio"], batch["audio_lengths"]
-                n_tok = net.audio_tokens.lengths(mel.new_tensor([mel.shape[1]]).long()).item()
-                pred = net.audio_frames(fused, fused_mask, int(n_tok))[:, : mel.shape[1]]
+                pred = net.audio_frames(fused, fused_mask, net.audio_token_count(mel.shape[1]))[:, : mel.shape[1]]
                 valid = (torch.arange(mel.shape[1], device=mel.device)[None] < frames[:, None]) & batch["audio_mask"][:, None]
                 err = (pred.float() - mel).pow(2).mean(-1) * valid
                 terms["audio"] = global_mean(err.sum(), valid.sum())
@@ -171,15 +171,22 @@ class NLMMCore(nn.Module):
         if self.ema is not None:
             self.ema.update(self.net)
 
-    def inference_net(self) -> NLMM:
-        """The network evaluation uses: a copy carrying the EMA weights, or the network itself."""
+    @contextmanager
+    def inference_weights(self) -> Iterator[NLMM]:
+        """``with core.inference_weights() as net:`` the network carrying its EMA weights (swapped in
+        place: no copy of the model), the live weights back on exit; the network itself without EMA."""
         if self.ema is None:
-            return self.net
-        import copy
-
-        net = copy.deepcopy(self.net)
+            yield self.net
+            return
+        params = dict(self.net.named_parameters())
+        live = {}
         with torch.no_grad():
-            params = dict(net.named_parameters())
             for n, w in self.ema.weights().items():
+                live[n] = params[n].detach().clone()
                 params[n].copy_(w)
-        return net
+        try:
+            yield self.net
+        finally:
+            with torch.no_grad():
+                for n, w in live.items():
+                    params[n].copy_(w)

@@ -54,7 +54,7 @@ from ..media.images import describe_image, open_image
 
 __all__ = [
     "HOP", "N_FFT", "LOG_CLAMP", "SILENCE", "MediaSpec", "MediaStore", "NLMMData",
-    "log_mel", "mel_filters", "build_nlmm_data", "text_vocabulary",
+    "log_mel", "mel_filters", "build_nlmm_data", "text_vocabulary", "Backbones", "BackboneFeatures", "attach_features",
 ]
 
 N_FFT = 400  # 25 ms at 16 kHz
@@ -140,10 +140,13 @@ class NLMMData:
     """In-memory raw-media dataset. Each sample has any subset of image / audio / text."""
 
     def __init__(self, samples: list[Sample], store: MediaStore, image_rows: torch.Tensor, audio_rows: torch.Tensor,
-                 text_rows: torch.Tensor, spec: MediaSpec, tokenizer: WordTokenizer | None = None):
+                 text_rows: torch.Tensor, spec: MediaSpec, tokenizer: WordTokenizer | None = None, features: Any = None):
         n = len(samples)
         if not (len(image_rows) == len(audio_rows) == len(text_rows) == n):
             raise ValueError(f"NLMMData: {n} samples but {len(image_rows)}/{len(audio_rows)}/{len(text_rows)} rows")
+        if features is not None and len(features) != n:
+            raise ValueError(f"NLMMData: {n} samples but backbone features for {len(features)}")
+        self.features: BackboneFeatures | None = features  # the frozen backbones' token features, row i = sample i
         self.samples = samples
         self.store = store
         self.image_rows, self.audio_rows, self.text_rows = image_rows.long(), audio_rows.long(), text_rows.long()
@@ -174,8 +177,13 @@ class NLMMData:
     def select(self, idx: Sequence[int] | torch.Tensor) -> "NLMMData":
         """A view on the samples ``idx`` (in that order); the media tensors are shared, not copied."""
         index = _as_index(idx, len(self))
+        features = None if self.features is None else BackboneFeatures(self.features.paired.select(index.tolist()), self.features.dims, self.features.encoders)
         return NLMMData([self.samples[int(i)] for i in index], self.store, self.image_rows[index], self.audio_rows[index],
-                        self.text_rows[index], self.spec, self.tokenizer)
+                        self.text_rows[index], self.spec, self.tokenizer, features)
+
+    @property
+    def backbone_modalities(self) -> tuple[str, ...]:
+        return () if self.features is None else tuple(self.features.dims)
 
     def modalities(self) -> set[str]:
         """Modalities present in at least one sample."""
@@ -202,8 +210,25 @@ class NLMMData:
         index = _as_index(idx, len(self))
         out = {**self._images(self.image_rows[index]), **self._audio(self.audio_rows[index]),
                **self._text(self.text_rows[index])}
+        for m in self.backbone_modalities:
+            out.update(self._features(m, index))
         out["index"] = index
         return out
+
+    def _features(self, modality: str, index: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``<m>_feat`` (B, T, D) float32 backbone tokens (zeros past each length and in rows
+        without the modality) and ``<m>_feat_lengths`` (B,)."""
+        paired = self.features.paired
+        rows = paired.rows[modality][index] if modality in paired.rows else torch.full((len(index),), -1, dtype=torch.long)
+        has = rows >= 0
+        lengths = torch.zeros(len(rows), dtype=torch.long)
+        if not has.any():
+            return {f"{modality}_feat": torch.zeros(len(rows), 1, self.features.dims[modality]), f"{modality}_feat_lengths": lengths}
+        got = paired.tables[modality].batch(rows[has])
+        feats = torch.zeros(len(rows), got.tokens.shape[1], got.tokens.shape[2])
+        feats[has] = got.tokens.float()
+        lengths[has] = got.mask.sum(1)
+        return {f"{modality}_feat": feats, f"{modality}_feat_lengths": lengths}
 
     def _images(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
         s = self.spec.image_size
@@ -308,10 +333,62 @@ def _distinct(keys: Iterable[Any]) -> dict[Any, int]:
 
 
 def build_nlmm_data(samples: list[Sample], tokenizer: WordTokenizer | None, spec: MediaSpec, report: DataReport,
-                    progress: bool = False, workers: int = 1) -> NLMMData:
+                    progress: bool = False, workers: int = 1, backbones: Backbones | None = None) -> NLMMData:
     """Decode the samples' media into an ``NLMMData`` (each distinct input once); samples whose
     inputs fail are skipped and recorded in ``report``. ``tokenizer`` None ignores text.
+    ``backbones``: frozen encoders whose token features the data also carries (``attach_features``).
     Raises DataError when samples were given and none is usable."""
+    data = _build_raw(samples, tokenizer, spec, report, progress, workers)
+    return attach_features(data, backbones, report, progress) if backbones is not None and backbones.encoders else data
+
+
+@dataclass(frozen=True)
+class BackboneFeatures:
+    """Token features of an NLMMData's samples: ``paired`` (a features.pipeline.PairedData, row i =
+    sample i) and each backbone's token width."""
+
+    paired: Any
+    dims: dict[str, int]
+    encoders: dict[str, Any]
+
+    def __len__(self) -> int:
+        return len(self.paired)
+
+    def encode(self, modality: str, items: list[Any]) -> dict[str, torch.Tensor]:
+        """``<m>_feat`` / ``<m>_feat_lengths`` of inputs outside the dataset (e.g. class names), encoded live."""
+        out = self.encoders[modality].encode(items)
+        feats = torch.where(out.mask[..., None], out.tokens.float().cpu(), 0.0)
+        return {f"{modality}_feat": feats, f"{modality}_feat_lengths": out.mask.sum(1).long().cpu()}
+
+
+@dataclass
+class Backbones:
+    """Frozen encoders per modality and where their features are cached (None: encoded live)."""
+
+    encoders: dict[str, Any]
+    cache_dir: Any = None
+    dtype: str = "float16"
+    shard_size: int = 1024
+
+
+def attach_features(data: NLMMData, backbones: Backbones, report: DataReport, progress: bool = False) -> NLMMData:
+    """``data`` with the backbones' token features of its samples (each distinct input encoded
+    once, through the feature cache as alignment does); a sample whose input the backbone cannot
+    read is skipped and recorded in ``report``, like a failed decode."""
+    from ..features.pipeline import build_paired_data
+
+    if not len(data):
+        return data
+    paired = build_paired_data(data.samples, backbones.encoders, report, backbones.cache_dir, backbones.dtype,
+                               backbones.shard_size, progress)
+    position = {id(s): i for i, s in enumerate(data.samples)}
+    out = data.select([position[id(s)] for s in paired.samples])
+    out.features = BackboneFeatures(paired, {m: e.token_dim for m, e in backbones.encoders.items()}, backbones.encoders)
+    return out
+
+
+def _build_raw(samples: list[Sample], tokenizer: WordTokenizer | None, spec: MediaSpec, report: DataReport,
+               progress: bool, workers: int) -> NLMMData:
     from tqdm.auto import tqdm
 
     image_keys = [_media_key(s.image) if s.image is not None else None for s in samples]

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import contextlib
 from collections import defaultdict
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -167,6 +167,21 @@ def transcripts(net: NLMM, data: NLMMData, tokenizer: WordTokenizer, ecfg: Any) 
 
 
 @torch.no_grad()
+def class_embeddings(net: NLMM, data: NLMMData, tokenizer: WordTokenizer, words: Sequence[str]) -> dict[int, Tensor]:
+    """{dim: (len(words), dim) unit rows}: the text embedding of each class name (zero-shot classes)."""
+    enc = [[tokenizer.bos_id, *tokenizer.encode(w), tokenizer.eos_id] for w in words]
+    L = max(map(len, enc))
+    B = len(words)
+    batch = {"text": torch.tensor([e + [tokenizer.pad_id] * (L - len(e)) for e in enc]),
+             "text_lengths": torch.tensor([len(e) for e in enc]), "text_mask": torch.ones(B, dtype=torch.bool)}
+    for m in ("image", "audio"):
+        batch[f"{m}_mask"] = torch.zeros(B, dtype=torch.bool)
+    if "text" in net.feature_in:  # the text encoder reads a frozen backbone's features of the class names
+        batch.update(data.features.encode("text", list(words)))
+    return {d: e.cpu() for d, e in net.embeddings(to(batch, net.device), "text").items()}
+
+
+@torch.no_grad()
 def digits(net: NLMM, data: NLMMData, tokenizer: WordTokenizer, ecfg: Any, index: Tensor) -> dict[str, Any] | None:
     recs = [(i, parse_recording(data.samples[i].group)) for i in index.tolist()]
     recs = [(i, r) for i, r in recs if r is not None and data.audio_rows[i] >= 0]
@@ -175,14 +190,7 @@ def digits(net: NLMM, data: NLMMData, tokenizer: WordTokenizer, ecfg: Any, index
     idx = torch.tensor([i for i, _ in recs])
     target = torch.tensor([r.digit for _, r in recs])
     audio = embed_samples(net, data, "audio", idx, ecfg.batch_size)
-    enc = [[tokenizer.bos_id, *tokenizer.encode(w), tokenizer.eos_id] for w in DIGIT_WORDS]
-    L = max(map(len, enc))
-    text = torch.tensor([e + [tokenizer.pad_id] * (L - len(e)) for e in enc])
-    B = len(DIGIT_WORDS)
-    batch = {"text": text, "text_lengths": torch.tensor([len(e) for e in enc]), "text_mask": torch.ones(B, dtype=torch.bool)}
-    for m in ("image", "audio"):
-        batch[f"{m}_mask"] = torch.zeros(B, dtype=torch.bool)
-    classes = net.embeddings(to(batch, net.device), "text")
+    classes = class_embeddings(net, data, tokenizer, DIGIT_WORDS)
     d = max(audio)
     pred = (audio[d] @ classes[d].cpu().t()).argmax(1)
     per_speaker: dict[str, list[bool]] = defaultdict(list)

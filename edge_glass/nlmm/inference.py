@@ -23,15 +23,18 @@ from torch import nn
 from ..data.samples import DataReport, Sample
 from ..decoders.prompt import WordTokenizer
 from ..errors import DataError, InputError
-from .data import MediaSpec, NLMMData, build_nlmm_data
+from .data import Backbones, MediaSpec, NLMMData, build_nlmm_data
 from .model import NLMM
 
 
 class NLMMModel(nn.Module):
-    def __init__(self, cfg: Any, net: NLMM, tokenizer: WordTokenizer, spec: MediaSpec, run_dir: str | Path | None = None):
+    def __init__(self, cfg: Any, net: NLMM, tokenizer: WordTokenizer, spec: MediaSpec, run_dir: str | Path | None = None,
+                 backbones: Backbones | None = None):
         super().__init__()
         self.cfg, self.net, self.tokenizer, self.spec = cfg, net, tokenizer, spec
         self.run_dir = None if run_dir is None else str(run_dir)
+        self.backbones = backbones  # frozen encoders feeding some NL-MM encoders (their inputs encoded live)
+        self.backbone_encoders = nn.ModuleDict(backbones.encoders if backbones is not None else {})  # moved by .to()
         self.net.eval()
 
     @property
@@ -48,7 +51,8 @@ class NLMMModel(nn.Module):
                    for i in range(n)]
         report = DataReport()
         try:
-            data = build_nlmm_data(samples, self.tokenizer if items.get("text") is not None else None, self.spec, report)
+            data = build_nlmm_data(samples, self.tokenizer if items.get("text") is not None else None, self.spec, report,
+                                   backbones=self.backbones)
         except DataError:  # every item was unusable: the report names the first
             if not report.skipped:
                 raise

@@ -26,6 +26,8 @@ modalities (image, audio), so a caption is never predicted from itself.
 """
 from __future__ import annotations
 
+import copy
+
 from typing import Any
 
 import torch
@@ -113,6 +115,19 @@ class AudioTokens(nn.Module):
         n = self.lengths(frames)
         mask = torch.arange(x.shape[1], device=mel.device)[None] < n[:, None]
         return masked(x + POS_SCALE["audio"] * sincos_1d(x.shape[1], x.shape[2], mel.device).to(x.dtype), mask), mask
+
+
+class FeatureTokens(nn.Module):
+    """A frozen backbone's (B, T, D_backbone) token features -> (B, T, D): linear + LayerNorm (the
+    backbone's own positions are in its features)."""
+
+    def __init__(self, d_in: int, d_model: int):
+        super().__init__()
+        self.proj = nn.Linear(d_in, d_model)
+        self.norm = nn.LayerNorm(d_model)
+
+    def forward(self, feats: Tensor) -> Tensor:
+        return self.norm(self.proj(feats.to(self.proj.weight.dtype)))
 
 
 class LatentMemory(nn.Module):
@@ -237,18 +252,23 @@ def patchify(images: Tensor, p: int) -> Tensor:
 class NLMM(nn.Module):
     """The trainable NL-MM (see module doc). ``vocab_size``: the text tokenizer's size."""
 
-    def __init__(self, cfg: Any, vocab_size: int, n_mels: int, modalities: tuple[str, ...] = MODALITIES):
+    def __init__(self, cfg: Any, vocab_size: int, n_mels: int, modalities: tuple[str, ...] = MODALITIES,
+                 feature_dims: dict[str, int] | None = None):
         super().__init__()
         self.cfg = cfg
         eff = effective(cfg)
         self.switches = eff
         D = cfg.d_model
         self.modalities = tuple(m for m in MODALITIES if m in modalities)
+        self.feature_dims = {m: int(d) for m, d in (feature_dims or {}).items() if m in self.modalities}
         self.encoders = nn.ModuleDict({m: Encoder(cfg, cfg.depth.get(m, 2), eff["mixer"], eff["ttt"]) for m in self.modalities})
         self.token_embed = nn.Embedding(vocab_size, D)
         nn.init.normal_(self.token_embed.weight, std=0.02)
-        self.image_tokens = ImageTokens(D, cfg.patch_size) if "image" in self.modalities else None
-        self.audio_tokens = AudioTokens(n_mels, D, cfg.audio_stride) if "audio" in self.modalities else None
+        # a modality fed by a frozen backbone reads its token features through a projection, in place of its raw front end
+        self.feature_in = nn.ModuleDict({m: FeatureTokens(d, D) for m, d in self.feature_dims.items()})
+        raw = [m for m in self.modalities if m not in self.feature_dims]
+        self.image_tokens = ImageTokens(D, cfg.patch_size) if "image" in raw else None
+        self.audio_tokens = AudioTokens(n_mels, D, cfg.audio_stride) if "audio" in raw else None
         self.memory = LatentMemory(cfg, eff["cms"]) if eff["memory"] == "latent" else ConcatMemory(cfg)
         self.text_decoder = TextDecoder(cfg, self.token_embed, eff["mixer"])
         self.image_decoder = QueryDecoder(cfg, 3 * cfg.patch_size ** 2) if "image" in self.modalities else None
@@ -268,13 +288,19 @@ class NLMM(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.token_embed.weight.device
+        return self.embed_proj.weight.device
 
     # -- encoders ------------------------------------------------------------------------------
     def encode(self, modality: str, batch: dict[str, Tensor], ttt_state=None) -> tuple[Tensor, Tensor, Any]:
         """One modality of a batch -> (tokens (B, T, D), mask (B, T), TTT state); absent rows fully masked."""
         present = batch[f"{modality}_mask"]
-        if modality == "image":
+        if modality in self.feature_in:
+            key = f"{modality}_feat"
+            if key not in batch:
+                raise KeyError(f"NL-MM: the {modality} encoder reads backbone features ({key}); build the data with the run's backbones")
+            x = self.feature_in[modality](batch[key])
+            mask = (torch.arange(x.shape[1], device=x.device)[None] < batch[f"{key}_lengths"][:, None]) & present[:, None]
+        elif modality == "image":
             x = self.image_tokens(batch["image"])
             mask = present[:, None].expand(-1, x.shape[1])
         elif modality == "audio":
@@ -336,6 +362,25 @@ class NLMM(nn.Module):
         full = self.embed_memory(ctx, mask)
         return {d: F.normalize(full[:, :d].float(), dim=-1) for d in (dims or self.cfg.embed_dims)}
 
+    def embedding_path(self, modality: str) -> "NLMM":
+        """A view of this network holding only what embedding ``modality`` reads (its front end,
+        encoder and adapter, the memory, the embedding projection): the same parameter tensors,
+        shared, and none of the decoders or other encoders (an exported program then carries only
+        those weights)."""
+        if modality not in self.modalities:
+            raise KeyError(f"no {modality} encoder (this network has {', '.join(self.modalities)})")
+        view = copy.copy(self)
+        view._parameters, view._buffers, view._modules = dict(self._parameters), dict(self._buffers), dict(self._modules)
+        view.modalities = (modality,)
+        view.encoders = nn.ModuleDict({modality: self.encoders[modality]})
+        view.text_decoder = view.image_decoder = view.audio_decoder = None
+        view.image_tokens = self.image_tokens if modality == "image" else None
+        view.audio_tokens = self.audio_tokens if modality == "audio" else None
+        view.token_embed = self.token_embed if modality == "text" and modality not in self.feature_in else None
+        view.feature_in = nn.ModuleDict({modality: self.feature_in[modality]} if modality in self.feature_in else {})
+        view.reset_stream()
+        return view
+
     # -- decoders ------------------------------------------------------------------------------
     def text_logits(self, ctx: Tensor, ctx_mask: Tensor, tokens: Tensor, lengths: Tensor) -> Tensor:
         token_mask = torch.arange(tokens.shape[1], device=tokens.device)[None] < lengths[:, None]
@@ -344,6 +389,10 @@ class NLMM(nn.Module):
     def image_patches(self, ctx: Tensor, ctx_mask: Tensor, size: tuple[int, int]) -> Tensor:
         h, w = size[0] // self.cfg.patch_size, size[1] // self.cfg.patch_size
         return self.image_decoder(sincos_2d(h, w, self.cfg.d_model, ctx.device), ctx, ctx_mask)
+
+    def audio_token_count(self, frames: int) -> int:
+        """How many audio positions the log-mel decoder reconstructs ``frames`` frames from."""
+        return -(-int(frames) // self.cfg.audio_stride)
 
     def audio_frames(self, ctx: Tensor, ctx_mask: Tensor, n_tokens: int) -> Tensor:
         """(B, n_tokens * stride, n_mels) reconstructed log-mel frames."""
@@ -379,8 +428,9 @@ def parameter_table(model: NLMM) -> list[tuple[str, nn.Module | None]]:
     """(label, module) rows for parameter counts, per part of the model."""
     rows: list[tuple[str, nn.Module | None]] = [("token embedding (shared with the text decoder)", model.token_embed)]
     for m in model.modalities:
-        front = {"image": model.image_tokens, "audio": model.audio_tokens, "text": None}[m]
-        rows.append((f"{m} encoder", nn.ModuleList([x for x in (front, model.encoders[m]) if x is not None])))
+        front = model.feature_in[m] if m in model.feature_in else {"image": model.image_tokens, "audio": model.audio_tokens, "text": None}[m]
+        label = f"{m} encoder" + (" (on frozen backbone features)" if m in model.feature_in else "")
+        rows.append((label, nn.ModuleList([x for x in (front, model.encoders[m]) if x is not None])))
     rows.append(("central memory" + (" (+ CMS levels)" if model.cms_modules() else ""), model.memory))
     rows.append(("text decoder (without the tied embedding)", nn.ModuleList([model.text_decoder.ctx_proj, model.text_decoder.blocks, model.text_decoder.norm])))
     for label, mod in (("image decoder", model.image_decoder), ("audio decoder", model.audio_decoder)):

@@ -93,9 +93,10 @@ def load_splits(cfg, encoders: dict, report: DataReport, progress: bool = True) 
     return out, split_record
 
 
-def split_samples(model: AlignedModel, split: str, report: DataReport) -> list[Sample]:
+def split_samples(model: AlignedModel, split: str, report: DataReport, prefixed: bool = False) -> list[Sample]:
     """The samples of one of a run's own splits ("train", "val", "test"), from its config and
-    split.json (which records the held-out groups: train is every other group)."""
+    split.json (which records the held-out groups: train is every other group); ``prefixed``:
+    groups named ``<spec>|<group>`` as in training."""
     run = RunDir(model.run_dir)
     record = run.read_json("split.json")
     samples = []
@@ -107,7 +108,8 @@ def split_samples(model: AlignedModel, split: str, report: DataReport) -> list[S
         else:
             groups = set(held_out.get(split, []))
             keep = lambda s: s.group in groups  # noqa: E731
-        samples += [s for s in limit_groups(read_dataset(spec, report), model.cfg.data.max_groups) if keep(s)]
+        kept = [s for s in limit_groups(read_dataset(spec, report), model.cfg.data.max_groups) if keep(s)]
+        samples += _prefixed(spec, kept) if prefixed else kept
     if not samples:
         raise EdgeGlassError(f"{run.path}: its {split} split is empty")
     return samples

@@ -11,6 +11,7 @@ model use. Loss and metrics: nlmm/core.py and nlmm/evaluate.py.
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -19,15 +20,17 @@ from torch import nn
 from ..data.formats import read_dataset
 from ..data.samples import DataReport, Sample
 from ..decoders.prompt import WordTokenizer
+from ..encoders import build_encoders
 from ..errors import EdgeGlassError
+from ..features.cache import feature_cache_dir
 from ..nlmm.core import NLMMCore
-from ..nlmm.data import MediaSpec, NLMMData, build_nlmm_data, text_vocabulary
+from ..nlmm.data import Backbones, MediaSpec, NLMMData, build_nlmm_data, text_vocabulary
 from ..nlmm.evaluate import evaluate_nlmm, headline
 from ..nlmm.inference import NLMMModel
 from ..nlmm.model import MODALITIES, NLMM, parameter_table
 from ..nlmm.optim import NLOptimizer, nl_groups
 from ..runs import RunDir
-from .alignment import _prefixed, evaluation_samples, read_and_split
+from .alignment import _prefixed, evaluation_samples, read_and_split, split_samples
 from .base import Task, count_parameters, param_groups, register_task
 
 
@@ -36,9 +39,23 @@ def media_spec(cfg: Any) -> MediaSpec:
     return MediaSpec(image_size=d.image_size, n_mels=d.n_mels, max_audio_seconds=d.max_audio_seconds, max_text_tokens=d.max_text_tokens)
 
 
-def build_net(cfg: Any, vocab_size: int, modalities) -> NLMMCore:
-    net = NLMM(cfg.model, vocab_size, cfg.data.n_mels, tuple(modalities))
+def build_net(cfg: Any, vocab_size: int, modalities, feature_dims: dict[str, int] | None = None) -> NLMMCore:
+    net = NLMM(cfg.model, vocab_size, cfg.data.n_mels, tuple(modalities), feature_dims)
     return NLMMCore(net, cfg.ema)
+
+
+def build_backbones(cfg: Any, cached: bool = True, device: torch.device | str = "cpu") -> Backbones | None:
+    """The config's frozen backbones (``backbones:``), their features cached under ``cache:`` (or
+    encoded live when ``cached`` is False, as for a user's own inputs); None without backbones."""
+    if not cfg.backbones:
+        return None
+    encoders = {m: e.to(device) for m, e in build_encoders(cfg.backbones).items()}
+    return Backbones(encoders, feature_cache_dir(cfg) if cached else None, cfg.cache.dtype, cfg.cache.shard_size)
+
+
+def feature_dims(cfg: Any) -> dict[str, int]:
+    """{modality: token width} of the config's backbones."""
+    return {m: e.token_dim for m, e in build_encoders(cfg.backbones).items()} if cfg.backbones else {}
 
 
 def split_data(cfg: Any, report: DataReport, progress: bool = False) -> tuple[dict[str, list[Sample]], dict[str, Any]]:
@@ -58,6 +75,7 @@ class NLMMTask(Task):
         self.tokenizer: WordTokenizer | None = None
         self.modalities: tuple[str, ...] = MODALITIES
         self.opt: NLOptimizer | None = None
+        self.feature_dims: dict[str, int] = {}
 
     @classmethod
     def find_unused_parameters(cls, cfg: Any) -> bool:
@@ -70,7 +88,7 @@ class NLMMTask(Task):
         self.tokenizer = text_vocabulary(parts["train"], d.vocab_min_count, d.max_vocab)
         spec = media_spec(self.cfg)
         everything = [s for part in parts.values() for s in part]
-        data = build_nlmm_data(everything, self.tokenizer, spec, report, progress, d.workers)
+        data = build_nlmm_data(everything, self.tokenizer, spec, report, progress, d.workers, build_backbones(self.cfg))
         where: dict[int, str] = {}
         for name, part in parts.items():
             where.update((id(s), name) for s in part)
@@ -81,13 +99,17 @@ class NLMMTask(Task):
         self.modalities = tuple(m for m in MODALITIES if m in present)
         if "text" not in self.modalities:
             raise EdgeGlassError(f"data.train: NL-MM needs texts (captions or transcripts); {', '.join(d.train)} gave none")
-        self.records = {"split.json": record, "nlmm.json": {"modalities": list(self.modalities), "vocab_size": len(self.tokenizer)}}
+        self.feature_dims = {m: dim for m, dim in feature_dims(self.cfg).items() if m in self.modalities}
+        info = {"modalities": list(self.modalities), "vocab_size": len(self.tokenizer), "feature_dims": self.feature_dims}
+        if self.cfg.backbones:
+            info["backbones"] = {m: e.fingerprint() for m, e in build_backbones(self.cfg).encoders.items()}
+        self.records = {"split.json": record, "nlmm.json": info}
         return out
 
     def build(self) -> nn.Module:
         if self.tokenizer is None:
             raise EdgeGlassError("nlmm: build() before load(): the vocabulary comes from the training split")
-        return build_net(self.cfg, len(self.tokenizer), self.modalities)
+        return build_net(self.cfg, len(self.tokenizer), self.modalities, self.feature_dims)
 
     def optimizer(self, core: nn.Module) -> torch.optim.Optimizer:
         t = self.cfg.train
@@ -109,7 +131,8 @@ class NLMMTask(Task):
     def evaluate(self, core: nn.Module, data: Any, limit: int | None = None) -> dict[str, Any]:
         if limit is not None and len(data) > limit:
             data = data.select(torch.linspace(0, len(data) - 1, limit).round().long().unique().tolist())  # spread over the datasets
-        result = evaluate_nlmm(core.inference_net(), data, self.tokenizer, self.cfg.eval)
+        with core.inference_weights() as net:
+            result = evaluate_nlmm(net, data, self.tokenizer, self.cfg.eval)
         result["headline"] = headline(result)
         return result
 
@@ -118,7 +141,8 @@ class NLMMTask(Task):
 
     def state_to_save(self, core: nn.Module) -> dict[str, torch.Tensor]:
         """The network's weights (the EMA weights when the run keeps them) and the logit scale."""
-        state = {f"net.{k}": v for k, v in core.inference_net().state_dict().items()}
+        with core.inference_weights() as net:
+            state = {f"net.{k}": v.detach().clone() for k, v in net.state_dict().items()}
         state["log_scale"] = core.log_scale.detach()
         return state
 
@@ -136,22 +160,23 @@ class NLMMTask(Task):
         cfg = run.read_config()
         info = run.read_json("nlmm.json")
         tokenizer = WordTokenizer.load(run.file("tokenizer.json"))
-        net = NLMM(cfg.model, len(tokenizer), cfg.data.n_mels, tuple(info["modalities"]))
+        net = NLMM(cfg.model, len(tokenizer), cfg.data.n_mels, tuple(info["modalities"]), info.get("feature_dims"))
         state = {k[4:]: v for k, v in run.load_weights().items() if k.startswith("net.")}
         missing, unexpected = net.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise EdgeGlassError(f"{run.file('model.safetensors')}: weights do not fit the model (missing {missing[:5]}, unexpected {unexpected[:5]})")
-        return NLMMModel(cfg, net, tokenizer, media_spec(cfg), run.path).to(device)
+        return NLMMModel(cfg, net, tokenizer, media_spec(cfg), run.path, build_backbones(cfg, cached=False)).to(device)
 
     def evaluate_run(self, model: NLMMModel, spec: str | None, report, progress: bool = True,
                      details: dict[str, Any] | None = None) -> dict[str, Any]:
         """Every metric on a dataset spec (its predefined test split, if it has one) or on the run's
-        own test split (re-derived from its config; the groups of split.json)."""
+        own test split (the groups split.json records)."""
         if spec:
             samples = _prefixed(spec, evaluation_samples(read_dataset(spec, report)))
         else:
-            samples = split_data(model.cfg, report)[0]["test"]
-        data = build_nlmm_data(samples, model.tokenizer, model.spec, report, progress, model.cfg.data.workers)
+            samples = split_samples(model, "test", report, prefixed=True)
+        backbones = None if model.backbones is None else replace(model.backbones, cache_dir=feature_cache_dir(model.cfg))
+        data = build_nlmm_data(samples, model.tokenizer, model.spec, report, progress, model.cfg.data.workers, backbones)
         if details is not None:
             details["data"] = data
         result = evaluate_nlmm(model.net, data, model.tokenizer, model.cfg.eval)
@@ -162,11 +187,15 @@ class NLMMTask(Task):
         """Per part of the network, at the run's vocabulary (or ``data.max_vocab`` words without a run)."""
         if run_dir is not None and RunDir(run_dir).file("nlmm.json").exists():
             info = RunDir(run_dir).read_json("nlmm.json")
-            vocab, modalities = info["vocab_size"], tuple(info["modalities"])
+            vocab, modalities, dims = info["vocab_size"], tuple(info["modalities"]), info.get("feature_dims")
         else:
-            vocab, modalities = self.cfg.data.max_vocab, MODALITIES
-        core = build_net(self.cfg, vocab, modalities)
-        return [count_parameters(label, module) for label, module in parameter_table(core.net)]
+            vocab, modalities, dims = self.cfg.data.max_vocab, MODALITIES, feature_dims(self.cfg)
+        core = build_net(self.cfg, vocab, modalities, dims)
+        rows = [count_parameters(label, module) for label, module in parameter_table(core.net)]
+        for m, enc in build_encoders(self.cfg.backbones).items():  # frozen: counted, not trained
+            if m in modalities:
+                rows.append(count_parameters(f"{m} backbone (frozen {enc.cfg.type})", enc.ensure_loaded()))
+        return rows
 
     # -- results
     def table(self, result: dict[str, Any], title: str) -> str:

@@ -249,9 +249,18 @@ def test_ema_follows_its_decay_and_is_what_inference_uses():
     assert_close_rel(ema.weights()[name], d * w0[name] + (1 - d) * (w0[name] + 1), FP32_OPS, "ema")
     core = NLMMCore(net, ema=0.5)
     core.ema = ema
-    inf = core.inference_net()
-    assert torch.equal(dict(inf.named_parameters())[name], ema.weights()[name])
-    assert not torch.equal(dict(net.named_parameters())[name], ema.weights()[name])
+    live = dict(net.named_parameters())[name].detach().clone()
+    with core.inference_weights() as inf:
+        assert inf is net  # swapped in place, not copied
+        assert torch.equal(dict(inf.named_parameters())[name], ema.weights()[name])
+    assert torch.equal(dict(net.named_parameters())[name], live)  # the live weights are back
+    assert not torch.equal(live, ema.weights()[name])
+    try:
+        with core.inference_weights():
+            raise KeyboardInterrupt  # an interrupted evaluation still restores them
+    except KeyboardInterrupt:
+        pass
+    assert torch.equal(dict(net.named_parameters())[name], live)
 
 
 def test_memory_needs_no_positions_latent_memory_is_a_set_reader():

@@ -181,7 +181,11 @@ def test_torch_export_programs_embed_like_the_run(nlmm_run, tmp_path):
     model = edge_glass.load(out, "cpu")
     n = manifest["batch"]
     for m in ("audio", "text", "image"):
-        program = torch.export.load(str(tmp_path / "exp" / manifest["programs"][m]["file"])).module()
+        exported = torch.export.load(str(tmp_path / "exp" / manifest["programs"][m]["file"]))
+        program = exported.module()
+        held = sum(v.numel() for v in exported.state_dict.values())  # only this modality's path, no decoders
+        path = sum(p.numel() for p in model.net.embedding_path(m).parameters())
+        assert held == path < sum(p.numel() for p in model.net.parameters()) * 0.7, (m, held, path)
         ex = example_inputs(model, m, n)  # padded to the program's static shape (audio to 1 s, text to 14 tokens)
         items = [getattr(s, m) for s in example_samples(model, m, n)]
         with torch.no_grad():
@@ -193,3 +197,90 @@ def test_torch_export_programs_embed_like_the_run(nlmm_run, tmp_path):
         if ts.exists():
             with torch.no_grad():
                 assert_close_rel(torch.jit.load(str(ts))(*ex.values()), ref, FP32_NET, f"{m} torchscript vs model.embed")
+
+    # captions from photos and transcripts from speech with the exported memory + decoder programs
+    from edge_glass.decoders.prompt import WordTokenizer
+    from edge_glass.export.nlmm import generate
+
+    tokenizer = WordTokenizer.load(tmp_path / "exp" / "word_tokenizer.json")
+    assert set(manifest["generation"]) == {"image", "audio"}
+    for m, g in manifest["generation"].items():
+        context = torch.export.load(str(tmp_path / "exp" / g["context"])).module()
+        decoder = torch.export.load(str(tmp_path / "exp" / g["decoder"])).module()
+        ids = generate(context, decoder, tuple(example_inputs(model, m, n).values()), g["bos_id"], g["eos_id"], g["pad_id"],
+                       g["max_new_tokens"])
+        items = [getattr(s, m) for s in example_samples(model, m, n)]
+        ref = model.caption(**{"images" if m == "image" else "audio": items})
+        assert [tokenizer.decode(i) for i in ids] == ref, m
+        assert manifest["parity"][f"caption_decoder_{m}"]["ratio"] <= 1e-4
+
+
+def test_encoders_on_frozen_backbone_features(coco_subset, fsdd_subset, tmp_path):
+    """backbones.image / backbones.text: those NL-MM encoders read EfficientNet-Lite0 / MiniLM token
+    features (encoded once into the feature cache), audio still trains from raw log-mel; the run
+    trains, evaluates, loads and embeds new inputs through the same backbones."""
+    import os
+
+    import edge_glass
+    from edge_glass.nlmm.model import FeatureTokens
+
+    cfg_path = nlmm_config(tmp_path / "bb.yaml", coco_subset, fsdd_subset, epochs=1)
+    cfg = yaml.safe_load(cfg_path.read_text())
+    cfg["backbones"] = {"image": {"type": "efficientnet_lite", "model": "efficientnet-lite0"},
+                        "text": {"type": "sentence_transformer", "model": "all-MiniLM-L6-v2"}}
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "run"
+    run("train", str(cfg_path), "--out", str(out), "--no-progress")
+    info = json.loads((out / "nlmm.json").read_text())
+    assert info["feature_dims"] == {"image": 1280, "text": 384} and set(info["backbones"]) == {"image", "text"}
+    cache = Path(os.environ["EDGE_GLASS_CACHE"]) / "features"
+    assert any(p.name.startswith("image-efficientnet_lite") for p in cache.iterdir())  # encoded once, cached
+
+    model = edge_glass.load(out, "cpu")
+    net = model.net
+    assert isinstance(net.feature_in["image"], FeatureTokens) and net.image_tokens is None  # no raw patch embedding
+    assert net.audio_tokens is not None and "audio" not in net.feature_in  # audio from raw log-mel
+    weights = load_file(out / "model.safetensors")
+    assert "net.feature_in.image.proj.weight" in weights and not any(k.startswith("net.image_tokens") for k in weights)
+    photos = sorted((coco_subset / "images").iterdir())[:3]
+    e = model.embed("image", photos)
+    assert e.shape == (3, 32) and torch.allclose(e.norm(dim=-1), torch.ones(3), rtol=1e-4)
+    assert len(model.caption(images=photos)) == 3
+    t = model.embed("text", ["a dog on a couch", "two people on a beach"], dim=8)
+    assert t.shape == (2, 8)
+    with pytest.raises(InputError):
+        model.embed("image", [tmp_path / "missing.jpg"])
+    result = json.loads((out / "eval.json").read_text())
+    assert any("image-text" in v for v in result["datasets"].values())
+    proc = run("export", str(out), "--out", str(tmp_path / "exp"), "--format", "torch-export")
+    manifest = json.loads((tmp_path / "exp" / "edge_glass_export.json").read_text())
+    assert set(manifest["programs"]) == {"audio"} and set(manifest["not_exported"]) == {"image", "text"}
+
+
+def test_backbone_config_errors_name_the_key(tmp_path):
+    from edge_glass.errors import ConfigError
+
+    base = {"task": "nlmm", "data": {"train": ["coco:x"]}}
+    for backbones, needle in (({"audio": {"type": "efficientnet_lite", "model": "efficientnet-lite0"}}, "backbones.audio"),
+                              ({"text": {"type": "token_text"}}, "trainable")):
+        path = tmp_path / "c.yaml"
+        path.write_text(yaml.safe_dump({**base, "backbones": backbones}))
+        with pytest.raises(ConfigError, match=needle):
+            load_config(path)
+
+
+def test_image_shift_benchmark_runs_every_mode(nlmm_run, tmp_path):
+    """benchmarks/nlmm_ttt_images.py on a photo-trained run: easy-VQA shapes with the image adapters
+    off / per image / streamed; every metric in range, and switching the adapters off changes the
+    embedding path (the modes are not one computation)."""
+    _, out, _ = nlmm_run
+    report = tmp_path / "shift.json"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "nlmm_ttt_images.py"), str(out), "--n", "120", "--json", str(report)],
+                   check=True, capture_output=True, text=True)
+    result = json.loads(report.read_text())
+    assert result["n_shifted"] == 120 and result["n_photos"] == 8 and set(result["results"]) == {"none", "sequence", "stream"}
+    for row in result["results"].values():
+        assert 0 < row["recon_mse"] < 10 and 0 < row["photos_recon_mse"] < 10
+        for k in ("probe_shape", "probe_color", "zeroshot_shape", "zeroshot_color"):
+            assert 0 <= row[k] <= 100
+    assert result["results"]["none"]["recon_mse"] != result["results"]["sequence"]["recon_mse"]
