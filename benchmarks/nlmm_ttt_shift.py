@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import edge_glass  # noqa: E402
 from edge_glass.data.samples import DataReport  # noqa: E402
 from edge_glass.data.speech import HELDOUT_POOL, speak_samples  # noqa: E402
+from edge_glass.features.cache import feature_cache_dir  # noqa: E402
 from edge_glass.nlmm.data import build_nlmm_data  # noqa: E402
 from edge_glass.nlmm.evaluate import adaptation, digits, retrieval  # noqa: E402
 from edge_glass.paths import cache_root  # noqa: E402
@@ -50,10 +51,11 @@ def main() -> None:
     t0 = time.time()
     model = edge_glass.load(args.run, "cpu")
     net, cfg = model.net, model.cfg
+    backbones = None if model.backbones is None else replace(model.backbones, cache_dir=feature_cache_dir(cfg))  # encoded once
     everything = split_data(cfg, DataReport())[0]["test"]
     digits_test = [s for s in everything if s.group.split("|", 1)[0].startswith("fsdd")]
     if digits_test:  # e.g. fsdd-holdout:SPEAKER:fsdd: a voice never heard in training, digits from audio alone
-        data = build_nlmm_data(digits_test, model.tokenizer, model.spec, DataReport(), workers=2, backbones=model.backbones)
+        data = build_nlmm_data(digits_test, model.tokenizer, model.spec, DataReport(), workers=2, backbones=backbones)
         out = {"run": args.run, "n": len(data), "results": {}}
         for mode in ("none", "sequence", "stream"):
             with adaptation(net, mode, ["audio"]), torch.no_grad():
@@ -71,7 +73,7 @@ def main() -> None:
     sets = {"training voices": test, "unseen voice": spoken}
     out: dict = {"run": args.run, "voice": str(HELDOUT_POOL.pick("")), "n": len(test), "results": {}}
     for name, samples in sets.items():
-        data = build_nlmm_data(samples, model.tokenizer, model.spec, DataReport(), workers=2, backbones=model.backbones)
+        data = build_nlmm_data(samples, model.tokenizer, model.spec, DataReport(), workers=2, backbones=backbones)
         for mode in ("none", "sequence", "stream"):
             with adaptation(net, mode, ['audio']), torch.no_grad():
                 at = retrieval(net, data, "audio", "text", cfg.eval.ks, cfg.eval.batch_size)

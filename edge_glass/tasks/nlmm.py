@@ -88,7 +88,8 @@ class NLMMTask(Task):
         self.tokenizer = text_vocabulary(parts["train"], d.vocab_min_count, d.max_vocab)
         spec = media_spec(self.cfg)
         everything = [s for part in parts.values() for s in part]
-        data = build_nlmm_data(everything, self.tokenizer, spec, report, progress, d.workers, build_backbones(self.cfg))
+        backbones = build_backbones(self.cfg)
+        data = build_nlmm_data(everything, self.tokenizer, spec, report, progress, d.workers, backbones)
         where: dict[int, str] = {}
         for name, part in parts.items():
             where.update((id(s), name) for s in part)
@@ -99,10 +100,11 @@ class NLMMTask(Task):
         self.modalities = tuple(m for m in MODALITIES if m in present)
         if "text" not in self.modalities:
             raise EdgeGlassError(f"data.train: NL-MM needs texts (captions or transcripts); {', '.join(d.train)} gave none")
-        self.feature_dims = {m: dim for m, dim in feature_dims(self.cfg).items() if m in self.modalities}
+        encoders = backbones.encoders if backbones is not None else {}
+        self.feature_dims = {m: e.token_dim for m, e in encoders.items() if m in self.modalities}
         info = {"modalities": list(self.modalities), "vocab_size": len(self.tokenizer), "feature_dims": self.feature_dims}
-        if self.cfg.backbones:
-            info["backbones"] = {m: e.fingerprint() for m, e in build_backbones(self.cfg).encoders.items()}
+        if encoders:
+            info["backbones"] = {m: e.fingerprint() for m, e in encoders.items()}
         self.records = {"split.json": record, "nlmm.json": info}
         return out
 
