@@ -163,9 +163,9 @@ class FrozenEncoder(nn.Module, ABC):
     @torch.no_grad()
     def forward(self, batch: Any) -> EncoderOutput:
         """A collated batch (moved to the encoder's device) -> EncoderOutput on that device."""
+        if self.cfg.backend == "onnxruntime":  # the network loads only to export its graph (once per machine)
+            return frozen_output(self.graph_backend()(batch), owned=True)
         self.ensure_loaded()
-        if self.cfg.backend == "onnxruntime":
-            return frozen_output(self.graph_backend()(batch))
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.autocast == "bf16"):
             out = self.encode_batch(to_device(batch, self.device))
         return frozen_output(out)
@@ -181,6 +181,16 @@ class FrozenEncoder(nn.Module, ABC):
     def graph_forward(self, *inputs: torch.Tensor) -> EncoderOutput:
         """``encode_batch`` on ``graph_inputs``' tensors, with shapes that follow from the inputs'."""
         return self.encode_batch(*inputs)
+
+    def graph_record(self) -> dict[str, Any]:
+        """Written beside an exported backbone graph (the network is loaded then) and handed to
+        ``graph_ready`` whenever the graph is opened later."""
+        return {}
+
+    def graph_ready(self, record: dict[str, Any]) -> None:
+        """Make ``graph_inputs`` usable for a graph that exists, without the network: a no-op where
+        the inputs are the prepared tensors themselves (images, log-mel); the text encoder loads
+        its tokenizer. ``record`` is the graph's ``graph_record`` ({} if there is none)."""
 
     def graph_backend(self):
         if self.device.type != "cpu":
@@ -242,11 +252,19 @@ class TrainableEncoder(nn.Module, ABC):
 Encoder = Union[FrozenEncoder, TrainableEncoder]
 
 
-def frozen_output(out: EncoderOutput) -> EncoderOutput:
+def frozen_output(out: EncoderOutput, owned: bool = False) -> EncoderOutput:
     """FrozenEncoder's output contract: float32 tokens with padded positions zeroed, a bool
-    mask, float32 pooled (applied to ``encode_batch``'s raw output; exported towers share it)."""
+    mask, float32 pooled (applied to ``encode_batch``'s raw output; exported towers share it).
+    ``owned``: the caller owns ``out.tokens`` (a fresh buffer, e.g. ONNX Runtime's output), so
+    padding is zeroed in place rather than into a new tensor."""
     mask = out.mask.bool()
-    return EncoderOutput(out.tokens.float() * mask.unsqueeze(-1), mask, out.pooled.float())
+    tokens = out.tokens.float()
+    pad = ~mask.unsqueeze(-1)
+    if torch.compiler.is_exporting() or torch.jit.is_tracing():
+        tokens = tokens.masked_fill(pad, 0.0)  # a graph has no data-dependent branch
+    elif not bool(mask.all()):  # (fixed-size inputs have no padding: nothing to zero)
+        tokens = tokens.masked_fill_(pad, 0.0) if owned and tokens is out.tokens else tokens.masked_fill(pad, 0.0)
+    return EncoderOutput(tokens, mask, out.pooled.float())
 
 
 def digest_bytes(*parts: bytes) -> str:

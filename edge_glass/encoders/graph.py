@@ -9,6 +9,7 @@ flow), ``graph_input_names`` and ``graph_axes`` (per input, {axis: "batch" | "to
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import tempfile
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..atomic import atomic_write_json
 from .base import EncoderOutput
 
 OUTPUT_NAMES = ["tokens", "mask", "pooled"]
@@ -70,27 +72,45 @@ class BackboneGraph(nn.Module):
 
 class OnnxBackbone:
     """An encoder's backbone exported once into ``path`` (from the first batch it sees) and run in
-    ONNX Runtime with ``threads`` intra-op threads (torch's count: ``train.threads`` applies)."""
+    ONNX Runtime with ``threads`` intra-op threads (torch's count: ``train.threads`` applies).
+
+    The network is loaded only to export: later opens read the graph and ``path.json`` (the
+    encoder's ``graph_record``, written before the graph so that a graph never lacks it), and the
+    encoder gets ready for ``graph_inputs`` from that record (a text encoder loads its tokenizer
+    and nothing else)."""
 
     def __init__(self, encoder: Any, path: Path):
         self.encoder, self.path = encoder, path
+        self.record_path = path.with_suffix(".json")
         self.session = None
 
-    def _open(self, inputs: tuple[torch.Tensor, ...]) -> None:
+    def _open(self) -> None:
         import onnxruntime as ort
 
-        if not self.path.is_file():
-            self.encoder.ensure_loaded()
-            export_onnx(BackboneGraph(self.encoder), inputs, self.path, self.encoder.graph_input_names, OUTPUT_NAMES,
-                        self.encoder.graph_axes)
+        try:
+            record = json.loads(self.record_path.read_text())
+        except (OSError, ValueError):
+            record = {}  # a graph from before records existed (or a damaged record): graph_ready's safe default
+        self.encoder.graph_ready(record)
         options = ort.SessionOptions()
         options.intra_op_num_threads = torch.get_num_threads()
         self.session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
 
+    def _export(self, inputs: tuple[torch.Tensor, ...]) -> None:
+        atomic_write_json(self.record_path, self.encoder.graph_record())
+        export_onnx(BackboneGraph(self.encoder), inputs, self.path, self.encoder.graph_input_names, OUTPUT_NAMES,
+                    self.encoder.graph_axes)
+
     def __call__(self, batch: Any) -> EncoderOutput:
+        if self.session is None:
+            if self.path.is_file():
+                self._open()
+            else:
+                self.encoder.ensure_loaded()  # first use on this machine: export from the network
         inputs = tuple(x.cpu() for x in self.encoder.graph_inputs(batch))
         if self.session is None:
-            self._open(inputs)
+            self._export(inputs)
+            self._open()
         feed = {name: np.ascontiguousarray(x.numpy()) for name, x in zip(self.encoder.graph_input_names, inputs)}
         tokens, mask, pooled = (torch.from_numpy(a) for a in self.session.run(OUTPUT_NAMES, feed))
         return EncoderOutput(tokens, mask.bool(), pooled)

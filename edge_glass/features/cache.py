@@ -87,7 +87,8 @@ class FeatureTable:
     def from_outputs(outs: list[EncoderOutput], dtype: torch.dtype) -> "FeatureTable":
         toks, lens, pooled = [], [], []
         for o in outs:
-            toks.append(o.tokens[o.mask].to("cpu", dtype))
+            rows = o.tokens.flatten(0, 1) if bool(o.mask.all()) else o.tokens[o.mask]  # (no padding: no gather)
+            toks.append(rows.to("cpu", dtype))
             lens.append(o.mask.sum(1).cpu())
             pooled.append(o.pooled.to("cpu", dtype))
         return FeatureTable(torch.cat(toks), torch.cat(lens), torch.cat(pooled))
@@ -431,7 +432,6 @@ class FeatureCache:
         failures: dict[str, InputError] = {}
         if not todo:
             return failures
-        self.encoder.ensure_loaded()
         pending_keys: list[str] = []
         pending_outs: list[EncoderOutput] = []
         bar = tqdm(total=len(todo), desc=f"{desc} ({self.encoder.modality})", unit="item", disable=not progress, leave=False)
