@@ -26,6 +26,7 @@ import os
 import uuid
 import warnings
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
@@ -426,8 +427,22 @@ class FeatureCache:
         for row, key in enumerate(keys):
             self.index.setdefault(key, (shard, row))
 
+    def _prepare_window(self, keys: list[str], items: dict[str, Any]) -> tuple[list[str], list[Any], dict[str, InputError]]:
+        chunk, prepared, failures = [], [], {}
+        for key in keys:
+            try:
+                prepared.append(self.encoder.prepare(items[key]))
+                chunk.append(key)
+            except InputError as err:
+                failures[key] = err
+        return chunk, prepared, failures
+
     def fill(self, items: dict[str, Any], batch_size: int, desc: str = "encoding", progress: bool = True) -> dict[str, InputError]:
-        """Encode every item whose key is not cached yet. Returns {key: error} for unusable inputs."""
+        """Encode every item whose key is not cached yet. Returns {key: error} for unusable inputs.
+
+        One worker thread decodes the next window of inputs and writes finished shards while the
+        encoder runs (decoding, file writes and ONNX Runtime release the GIL); shards hold the same
+        rows in the same order as without it."""
         todo = self.missing(items)
         failures: dict[str, InputError] = {}
         if not todo:
@@ -437,26 +452,29 @@ class FeatureCache:
         bar = tqdm(total=len(todo), desc=f"{desc} ({self.encoder.modality})", unit="item", disable=not progress, leave=False)
         sized = type(self.encoder).length is not FrozenEncoder.length  # fixed-size inputs (images): no window
         window = batch_size * (self.SORT_WINDOW if sized else 1)
-        for start in range(0, len(todo), window):
-            chunk, prepared = [], []
-            for key in todo[start : start + window]:
-                try:
-                    prepared.append(self.encoder.prepare(items[key]))
-                    chunk.append(key)
-                except InputError as err:
-                    failures[key] = err
-            order = sorted(range(len(chunk)), key=lambda i: self.encoder.length(prepared[i]))  # stable: ties keep input order
-            for b in range(0, len(order), batch_size):
-                idx = order[b : b + batch_size]
-                pending_outs.append(self.encoder(self.encoder.collate([prepared[i] for i in idx])))
-                pending_keys.extend(chunk[i] for i in idx)
-                bar.update(len(idx))
-                if len(pending_keys) >= self.shard_size:
-                    self._write_shard(pending_keys, pending_outs)
-                    pending_keys, pending_outs = [], []
-            bar.update(len(todo[start : start + window]) - len(chunk))
-        if pending_keys:
-            self._write_shard(pending_keys, pending_outs)
+        windows = [todo[start : start + window] for start in range(0, len(todo), window)]
+        with ThreadPoolExecutor(1, thread_name_prefix="edge-glass-cache") as worker:
+            writes = []
+            ahead = worker.submit(self._prepare_window, windows[0], items)
+            for w, keys in enumerate(windows):
+                chunk, prepared, errors = ahead.result()
+                failures.update(errors)
+                if w + 1 < len(windows):
+                    ahead = worker.submit(self._prepare_window, windows[w + 1], items)
+                order = sorted(range(len(chunk)), key=lambda i: self.encoder.length(prepared[i]))  # stable: ties keep input order
+                for b in range(0, len(order), batch_size):
+                    idx = order[b : b + batch_size]
+                    pending_outs.append(self.encoder(self.encoder.collate([prepared[i] for i in idx])))
+                    pending_keys.extend(chunk[i] for i in idx)
+                    bar.update(len(idx))
+                    if len(pending_keys) >= self.shard_size:
+                        writes.append(worker.submit(self._write_shard, pending_keys, pending_outs))
+                        pending_keys, pending_outs = [], []
+                bar.update(len(keys) - len(chunk))
+            if pending_keys:
+                writes.append(worker.submit(self._write_shard, pending_keys, pending_outs))
+            for done in writes:
+                done.result()  # a failed write raises here
         bar.close()
         return failures
 
