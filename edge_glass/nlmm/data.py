@@ -39,7 +39,7 @@ import os
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from functools import lru_cache, partial
+from functools import cached_property, lru_cache, partial
 from typing import Any, TypeVar
 
 import numpy as np
@@ -177,7 +177,7 @@ class NLMMData:
     def select(self, idx: Sequence[int] | torch.Tensor) -> "NLMMData":
         """A view on the samples ``idx`` (in that order); the media tensors are shared, not copied."""
         index = _as_index(idx, len(self))
-        features = None if self.features is None else BackboneFeatures(self.features.paired.select(index.tolist()), self.features.dims, self.features.encoders)
+        features = None if self.features is None else BackboneFeatures(self.features.paired.select(index.tolist()), self.features.encoders)
         return NLMMData([self.samples[int(i)] for i in index], self.store, self.image_rows[index], self.audio_rows[index],
                         self.text_rows[index], self.spec, self.tokenizer, features)
 
@@ -345,11 +345,15 @@ def build_nlmm_data(samples: list[Sample], tokenizer: WordTokenizer | None, spec
 @dataclass(frozen=True)
 class BackboneFeatures:
     """Token features of an NLMMData's samples: ``paired`` (a features.pipeline.PairedData, row i =
-    sample i) and each backbone's token width."""
+    sample i) and the frozen encoders that made them."""
 
     paired: Any
-    dims: dict[str, int]
     encoders: dict[str, Any]
+
+    @cached_property
+    def dims(self) -> dict[str, int]:
+        """Each backbone's token width."""
+        return {m: e.token_dim for m, e in self.encoders.items()}
 
     def __len__(self) -> int:
         return len(self.paired)
@@ -383,7 +387,7 @@ def attach_features(data: NLMMData, backbones: Backbones, report: DataReport, pr
                                backbones.shard_size, progress)
     position = {id(s): i for i, s in enumerate(data.samples)}
     out = data.select([position[id(s)] for s in paired.samples])
-    out.features = BackboneFeatures(paired, {m: e.token_dim for m, e in backbones.encoders.items()}, backbones.encoders)
+    out.features = BackboneFeatures(paired, backbones.encoders)
     return out
 
 
